@@ -1,0 +1,105 @@
+"""Read and validate a dataset in the MVTec AD layout; load its images.
+
+ROOT/<subset>/train/good/*, ROOT/<subset>/test/good/*, ROOT/<subset>/test/<defect>/*,
+ROOT/<subset>/ground_truth/<defect>/<stem>_mask.png (optional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ahl.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD = "good"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name (never in os.listdir order, which differs between machines)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The files of one subset, as paths relative to ``root`` (the subset directory)."""
+
+    root: Path
+    train_good: tuple[str, ...]
+    test_good: tuple[str, ...]
+    anomalies: dict[str, tuple[str, ...]]  # defect class -> files (test/<class>/...)
+
+    @property
+    def anomaly_classes(self) -> list[str]:
+        return sorted(self.anomalies)
+
+    def mask_of(self, file: str) -> Path | None:
+        """The ground-truth mask of an anomaly file, when the dataset has one."""
+        parts = Path(file).parts  # ("test", class, name)
+        if len(parts) != 3:
+            return None
+        mask = self.root / "ground_truth" / parts[1] / f"{Path(parts[2]).stem}_mask.png"
+        return mask if mask.is_file() else None
+
+
+def _images_in(folder: Path, what: str, fix: str) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"missing folder {folder} ({what}); {fix}")
+    files = list_images(folder)
+    if not files:
+        raise UserError(f"empty folder {folder}: no {what} images ({', '.join(IMAGE_SUFFIXES)}); {fix}")
+    return files
+
+
+def read_subset(root: str | Path, classname: str) -> Subset:
+    """List a subset's files, checking the layout; every problem names the folder and the fix."""
+    base = Path(root) / classname
+    fix = f"the dataset under {root} is not in MVTec layout; rerun the convert stage (dvc repro convert)"
+    if not base.is_dir():
+        present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise UserError(f"missing folder {base} for classname {classname!r}; subsets present: {present}; {fix}")
+    train_good = _images_in(base / "train" / GOOD, "normal training", fix)
+    test_good = _images_in(base / "test" / GOOD, "normal test", fix)
+    test_dir = base / "test"
+    anomalies: dict[str, tuple[str, ...]] = {}
+    for folder in sorted(p for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD):
+        files = _images_in(folder, f"anomaly class {folder.name!r}", fix)
+        anomalies[folder.name] = tuple(str(p.relative_to(base)) for p in files)
+    if not anomalies:
+        raise UserError(f"no anomaly class folders in {test_dir} (expected test/<defect>/...); {fix}")
+    rel = lambda files: tuple(str(p.relative_to(base)) for p in files)  # noqa: E731
+    return Subset(base, rel(train_good), rel(test_good), anomalies)
+
+
+def validate_dataset(root: str | Path) -> list[str]:
+    """Check every subset under ``root``; return their names."""
+    root = Path(root)
+    subsets = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not subsets:
+        raise UserError(f"no subsets under {root}; rerun the download and convert stages")
+    for name in subsets:
+        read_subset(root, name)
+    return subsets
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """An image as RGB uint8 (size, size, 3); grey images are replicated to three channels."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}; replace or delete the file and rerun") from None
+
+
+def load_images(root: Path, files: list[str] | tuple[str, ...], size: int) -> np.ndarray:
+    """Images of ``files`` (relative to ``root``) stacked as (N, size, size, 3) uint8."""
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        out[i] = load_image(Path(root) / f, size)
+    return out

@@ -1,0 +1,25 @@
+"""DevNet for images (Pang et al., arXiv 2108.00462): one patch head trained with the deviation loss."""
+
+from __future__ import annotations
+
+import torch
+
+from ahl.heads import NORMAL, PatchHead, ScoringHeads
+
+
+class DevNetHeads(ScoringHeads):
+    head_names = ("seen",)
+
+    def __init__(self, in_channels: int, topk: float = 0.1):
+        super().__init__()
+        self.seen_head = PatchHead(in_channels, topk)
+
+    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        return self.seen_head(features)[:, None]  # (B, 1)
+
+    def targets(self, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Seen and pseudo anomalies (AHL's tasks add pseudo ones) are both "anomalous" for the single head.
+        return [(torch.ones_like(labels, dtype=torch.bool), labels != NORMAL)]
+
+    def final_score(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores[:, 0]

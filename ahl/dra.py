@@ -1,0 +1,89 @@
+"""DRA (Ding, Pang, Shen, CVPR 2022): four heads on one feature map, each trained with the deviation loss.
+
+holistic (learns normality, enters the score negated), seen anomalies, pseudo anomalies, and the composite
+(latent residual) head that compares each image with the mean feature of a reference set of normals.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ahl.heads import NORMAL, PSEUDO, SEEN, PatchHead, ScoringHeads, topk_mean
+
+
+class HolisticHead(nn.Module):
+    """Global average pool -> FC(C, hidden) -> ReLU -> FC(hidden, 1) -> |.|."""
+
+    def __init__(self, in_channels: int, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B,)
+        x = x.mean(dim=(2, 3))  # (B, C)
+        return self.fc2(torch.relu(self.fc1(x))).abs()[:, 0]
+
+
+class CompositeHead(nn.Module):
+    """Latent residual head: (reference - x) -> conv3x3 (padding 1) + BatchNorm + ReLU -> patch head.
+
+    DRA's geometry (padding 1, trainable BatchNorm with the default init). The official AHL code uses stride 3,
+    no padding and a BatchNorm initialised to zero, which makes this head output 0 and receive no gradient;
+    ``official_geometry=True`` reproduces only the stride/padding, for like-for-like comparisons.
+    """
+
+    def __init__(self, in_channels: int, topk: float = 0.1, official_geometry: bool = False):
+        super().__init__()
+        stride, padding = (3, 0) if official_geometry else (1, 1)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=stride, padding=padding),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(),
+        )
+        self.patch = PatchHead(in_channels, topk)
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        # x (B, C, H, W); reference (C, H, W): mean feature of the reference normals at this scale.
+        return self.patch(self.conv(reference[None] - x))
+
+
+class DRAHeads(ScoringHeads):
+    head_names = ("holistic", "seen", "pseudo", "composite")
+    uses_reference = True
+
+    def __init__(self, in_channels: int, topk: float = 0.1, hidden: int = 256, official_geometry: bool = False):
+        super().__init__()
+        self.holistic_head = HolisticHead(in_channels, hidden)
+        self.seen_head = PatchHead(in_channels, topk)
+        self.pseudo_head = PatchHead(in_channels, topk)
+        self.composite_head = CompositeHead(in_channels, topk, official_geometry)
+
+    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        if reference is None:
+            raise ValueError("DRA's composite head needs the reference features of every scale")
+        return torch.stack(
+            [
+                self.holistic_head(features),
+                self.seen_head(features),
+                self.pseudo_head(features),
+                self.composite_head(features, reference),
+            ],
+            dim=1,
+        )  # (B, 4)
+
+    def targets(self, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        everyone = torch.ones_like(labels, dtype=torch.bool)
+        return [
+            (everyone, labels == NORMAL),  # holistic head learns normality
+            (labels != PSEUDO, labels == SEEN),  # seen head: normals vs seen anomalies
+            (labels != SEEN, labels == PSEUDO),  # pseudo head: normals vs pseudo anomalies
+            (everyone, labels != NORMAL),  # composite head: normal vs any anomaly
+        ]
+
+    def final_score(self, scores: torch.Tensor) -> torch.Tensor:
+        holistic, seen, pseudo, composite = scores.unbind(dim=1)
+        return -holistic + seen + pseudo + composite
+
+
+__all__ = ["CompositeHead", "DRAHeads", "HolisticHead", "topk_mean"]

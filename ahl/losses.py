@@ -1,0 +1,19 @@
+"""The deviation loss of DevNet, shared by every head of DevNet, DRA and AHL."""
+
+from __future__ import annotations
+
+import torch
+
+
+def deviation_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 5.0) -> torch.Tensor:
+    """Mean deviation loss of scores (B,) against binary targets (B,) (1 = anomalous for this head).
+
+    dev = (s - mean(r)) / std(r) with r ~ N(0, 1). The official code draws 5,000 r per batch; we use the
+    distribution's own mean 0 and std 1, which is the same in expectation and deterministic, so dev = s.
+    L = (1 - y) |dev| + y max(0, margin - dev).
+    """
+    targets = targets.to(scores.dtype)
+    dev = scores
+    inlier = torch.abs(dev)
+    outlier = torch.clamp(margin - dev, min=0.0)
+    return torch.mean((1.0 - targets) * inlier + targets * outlier)
