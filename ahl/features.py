@@ -86,3 +86,94 @@ def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
         reference=[np.load(path / f"reference.s{s}.npy").astype(np.float32) for s in range(n_scales)],
         meta=index.get("meta", {}),
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing the cache
+@dataclass(frozen=True)
+class CacheConfig:
+    families: tuple[str, ...] = ("draem", "cutpaste", "cutmix")  # pseudo-anomaly families to build
+    dtype: str = "float16"  # storage dtype: float16 (half the disk) or float32
+    batch_size: int = 32
+    dtd_dir: str | None = None  # a folder of DTD textures for DRAEM; None = scikit-image's photographs
+
+    def __post_init__(self) -> None:
+        from ahl.augment import FAMILIES
+
+        for family in self.families:
+            if family not in FAMILIES:
+                raise UserError(f"params.yaml: features.families: unknown family {family!r}; known: {FAMILIES}")
+        if len(set(self.families)) < 2:
+            raise UserError("params.yaml: features.families needs at least 2 families (support and query differ)")
+        if self.dtype not in ("float16", "float32"):
+            raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
+
+
+def write_cache(
+    out: str | Path,
+    model,  # ahl.model.AnomalyModel, frozen (eval mode)
+    reference: list,  # per scale (C, H, W) tensors
+    splits: dict[str, tuple[np.ndarray, list[int], list[str], list[str]]],  # name -> (images, labels, classes, files)
+    config: CacheConfig,
+    *,
+    seed: int,
+    device,
+    progress: bool = False,
+    meta: dict | None = None,
+) -> None:
+    """Extract features of every split and of the pseudo anomalies of ``splits["train_normal"]`` into ``out``.
+
+    The model runs in eval mode under no_grad with the normalisation inside its backbone, exactly as when
+    scoring. Pseudo anomalies are made with one seeded generator per family, so each family is reproducible
+    on its own.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ahl.augment import PseudoAnomalyMaker, anomaly_sources
+    from ahl.io import atomic_dir, write_json
+
+    model.eval()
+    normals = splits["train_normal"][0]
+    sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
+    maker = PseudoAnomalyMaker(list(normals), sources)
+    n_scales = len(reference)
+
+    def image_batches(images_of: callable, n: int):
+        for start in range(0, n, config.batch_size):
+            yield start, np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
+
+    index: dict = {"n_scales": n_scales, "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
+    with atomic_dir(out) as tmp, torch.no_grad():
+
+        def extract(name: str, n: int, images_of: callable, labels, classes, files) -> None:
+            arrays = None
+            bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
+            for start, batch in image_batches(images_of, n):
+                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255.0
+                feats = model.features(x)
+                if arrays is None:
+                    arrays = [
+                        np.lib.format.open_memmap(
+                            tmp / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:])
+                        )
+                        for s, f in enumerate(feats)
+                    ]
+                for s, f in enumerate(feats):
+                    arrays[s][start : start + len(batch)] = f.cpu().numpy().astype(config.dtype)
+                bar.update(len(batch))
+            bar.close()
+            for a in arrays or []:
+                a.flush()
+            index["splits"][name] = {"labels": [int(v) for v in labels], "classes": list(classes), "files": list(files)}
+
+        for name, (images, labels, classes, files) in splits.items():
+            extract(name, len(images), lambda i, images=images: images[i], labels, classes, files)
+        for k, family in enumerate(config.families):
+            rng = np.random.default_rng([seed, k])
+            n = len(normals)
+            made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8, seeded per family
+            extract(f"pseudo_{family}", n, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
+        for s, r in enumerate(reference):
+            np.save(tmp / f"reference.s{s}.npy", r.float().cpu().numpy())
+        write_json(tmp / INDEX, index)

@@ -3,14 +3,14 @@
 from common import ROOT, run, section
 
 from ahl.data.mvtec import validate_dataset
-from ahl.data.registry import DATASETS
+from ahl.data.registry import get_dataset, get_source
 from ahl.io import read_json
 
 SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
 
 
 def main(params: dict) -> None:
-    dataset = DATASETS[read_json(SELECTION)["dataset"]]
+    dataset = get_dataset(read_json(ROOT / SELECTION)["dataset"])
     seed = int(section(params, "data").get("split_seed", 42))
     if dataset.converter is None:
         from ahl.data.converters import convert_mvtec as converter  # already MVTec layout: link and validate

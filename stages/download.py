@@ -5,7 +5,7 @@ from pathlib import Path
 from common import ROOT, run, section
 
 from ahl.config import from_params
-from ahl.data.registry import DATASETS
+from ahl.data.registry import get_dataset, get_source
 from ahl.io import read_json
 from ahl.runtime import show_progress
 
@@ -13,8 +13,8 @@ SELECTION, RAW = "data/selection.json", "data/raw"
 
 
 def main(params: dict) -> None:
-    selected = read_json(SELECTION)
-    dataset = DATASETS[selected["dataset"]]
+    selected = read_json(ROOT / SELECTION)
+    dataset = get_dataset(selected["dataset"])
     if dataset.build is not None:
         from ahl.data.embedded import EmbeddedConfig
 
@@ -23,7 +23,7 @@ def main(params: dict) -> None:
     from ahl.data.download import obtain
 
     data = section(params, "data")
-    source = next(s for s in dataset.sources.values() if s.key == selected["source"])
+    source = get_source(dataset, selected["source"])
     local = data.get("local")
     obtain(
         source,

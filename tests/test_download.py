@@ -251,8 +251,19 @@ def _zip(path: Path, members: list[tuple[str, bytes]], symlinks: dict[str, str] 
         ([_file("ok.txt"), _link("link", "../../etc/passwd")], "link"),
         ([_link("abs-link", "/etc/passwd")], "abs-link"),
         ([_file("ok.txt"), _link("hard", "../outside.txt", tarfile.LNKTYPE)], "hard"),
+        ([_link("d", "."), _file("d/../evil.txt")], "d/../evil.txt"),
+        ([_file("z/keep.txt"), _link("z/x", "../y/.."), _link("y", ".")], "z/x"),
     ],
-    ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-out"],
+    ids=[
+        "dotdot",
+        "nested-dotdot",
+        "absolute",
+        "symlink-out",
+        "symlink-absolute",
+        "hardlink-out",
+        "through-symlink",
+        "symlink-chain",
+    ],
 )
 def test_tar_refuses_escaping_members(tmp_path: Path, members, culprit: str) -> None:
     archive = _tar(tmp_path / "bad.tar.gz", members)
@@ -281,8 +292,9 @@ def test_tar_refuses_devices_and_fifos(tmp_path: Path) -> None:
         ([("ok.txt", b"x"), ("../evil.txt", b"x")], None, "../evil.txt"),
         ([("/abs-evil.txt", b"x")], None, "/abs-evil.txt"),
         ([("ok.txt", b"x")], {"link": "../../etc/passwd"}, "link"),
+        ([("z/keep.txt", b"x")], {"z/x": "../y/..", "y": "."}, "z/x"),
     ],
-    ids=["dotdot", "absolute", "symlink-out"],
+    ids=["dotdot", "absolute", "symlink-out", "symlink-chain"],
 )
 def test_zip_refuses_escaping_members(tmp_path: Path, members, symlinks, culprit: str) -> None:
     archive = _zip(tmp_path / "bad.zip", members, symlinks)

@@ -87,9 +87,18 @@ def resolve(classname: str) -> Selection:
     )
 
 
-def source_of(selection: Selection) -> Source | None:
-    dataset = DATASETS[selection.dataset]
-    return dataset.sources.get(selection.classname)
+def get_dataset(name: str) -> Dataset:
+    _load_builtin()
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def get_source(dataset: Dataset, key: str) -> Source:
+    for source in dataset.sources.values():
+        if source.key == key:
+            return source
+    raise UserError(f"dataset {dataset.name!r} has no source {key!r}; rerun the resolve stage")
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,333 @@
+"""The built-in datasets of the AHL and DRA papers: where each one's raw data comes from, its licence, its converter.
+
+Importing this module registers them (``registry._load_builtin`` does so). URLs marked ``# unverified`` were taken
+from the papers' links and public code and could not be checked from an offline machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ahl.data.registry import Converter, Dataset, Source, register
+
+# --- embedded demo dataset ---------------------------------------------------------------------------------
+def _build_embedded(out: Path, config) -> None:
+    from ahl.data.embedded import build_embedded
+
+    build_embedded(out, config)
+
+
+# Built offline in seconds from scikit-image's texture photographs; already in MVTec layout (no converter).
+EMBEDDED = register(
+    Dataset(
+        name="embedded",
+        subsets=("brick", "grass", "gravel"),
+        licence="scikit-image sample images (public domain / CC0, see skimage.data); generated defects: ours",
+        homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        converter=None,
+        build=_build_embedded,
+    )
+)
+# --- end of the embedded demo dataset ---
+
+
+def _converter(name: str) -> Converter:
+    """A handle on ``ahl.data.converters.<name>``, imported on first use (keeps the registry import-light)."""
+
+    def convert(raw: Path, out: Path, *, seed: int = 42) -> None:
+        from ahl.data import converters
+
+        getattr(converters, name)(raw, out, seed=seed)
+
+    convert.__name__ = convert.__qualname__ = name
+    convert.__doc__ = f"Convert raw data to the MVTec layout with ahl.data.converters.{name}."
+    return convert
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """Where a source's data sits inside its archive or folder; ``download.obtain`` uses it (keyed by source key).
+
+    marker: a file or folder name at the raw root the converter expects; obtain moves the shallowest folder
+        holding it up to the raw root, so that every route (package, archive, folder) gives one layout.
+    members_under: extract only this folder of an archive (one MVTec category out of the full archive).
+    """
+
+    marker: str | None = None
+    members_under: str | None = None
+
+
+RAW_LAYOUTS: dict[str, RawLayout] = {}
+
+# Archives a user may give as `local` other than a source's own file: file name -> sha256.
+MVTEC_FULL_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
+MVTEC_FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+KNOWN_ARCHIVES: dict[str, str] = {MVTEC_FULL_ARCHIVE: MVTEC_FULL_ARCHIVE_SHA256}
+
+
+# ------------------------------------------------------------------------------------------------------- MVTec AD
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+
+# unverified: MVTec's per-category download links (mydrive.ch), as used across public code since 2021; MVTec's
+# page now shows a licence form first, so these may stop working. pill is offered from a second share.
+_MVTEC_SHARE = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"
+_MVTEC_PILL_SHARE = "https://www.mydrive.ch/shares/43421/11a215a5749fcfb75e331ddd5f8e43ee/download"
+_MVTEC_FILE_IDS = {
+    "bottle": "420937370-1629951468",
+    "cable": "420937413-1629951498",
+    "capsule": "420937454-1629951595",
+    "carpet": "420937484-1629951672",
+    "grid": "420937487-1629951814",
+    "hazelnut": "420937545-1629951845",
+    "leather": "420937607-1629951964",
+    "metal_nut": "420937637-1629952063",
+    "pill": "420938129-1629953099",
+    "screw": "420938130-1629953152",
+    "tile": "420938133-1629953189",
+    "toothbrush": "420938134-1629953256",
+    "transistor": "420938166-1629953277",
+    "wood": "420938383-1629953354",
+    "zipper": "420938385-1629953449",
+}
+# The full archive (one file, 4.9 GB) lives in the same share; give it as `local` and only the category is extracted.
+MVTEC_FULL_ARCHIVE_URL = f"{_MVTEC_SHARE}/420938113-1629952094/{MVTEC_FULL_ARCHIVE}"
+
+
+def _mvtec_source(category: str) -> Source:
+    share = _MVTEC_PILL_SHARE if category == "pill" else _MVTEC_SHARE
+    key = f"mvtec-{category}"
+    RAW_LAYOUTS[key] = RawLayout(members_under=f"{category}/")  # the per-category archive holds <category>/...
+    return Source(
+        key=key,
+        url=f"{share}/{_MVTEC_FILE_IDS[category]}/{category}.tar.xz",
+        sha256=None,  # not yet pinned: the first download logs the hash to pin here
+        filename=f"{category}.tar.xz",
+        instructions=(
+            "MVTec AD (CC BY-NC-SA 4.0) is offered at https://www.mvtec.com/company/research/datasets/mvtec-ad "
+            f"after a licence form; download {category}.tar.xz, or the whole {MVTEC_FULL_ARCHIVE} and give it "
+            "as `local` (only this category is extracted)."
+        ),
+    )
+
+
+register(
+    Dataset(
+        name="mvtec",
+        subsets=MVTEC_CATEGORIES,
+        licence="CC BY-NC-SA 4.0",
+        homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+        converter=_converter("convert_mvtec"),
+        sources={category: _mvtec_source(category) for category in MVTEC_CATEGORIES},
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------------- AITEX
+# The AITEX Fabric Image Database comes as three .7z archives, which Python's standard library cannot open,
+# so the user extracts them into one folder and that folder is placed by hand.
+_AITEX_URL = "https://www.aitex.es/wp-content/uploads/2019/07"  # unverified: from public download scripts
+RAW_LAYOUTS["aitex"] = RawLayout(marker="NODefect_images")
+register(
+    Dataset(
+        name="aitex",
+        subsets=("AITEX",),
+        licence="AITEX Fabric Image Database terms (free for research; see the homepage)",  # unverified
+        homepage="https://www.aitex.es/afid/",
+        converter=_converter("convert_aitex"),
+        sources={
+            "AITEX": Source(
+                key="aitex",
+                filename="AITEX",  # a folder
+                manual=True,
+                instructions=(
+                    f"download {_AITEX_URL}/Defect_images.7z, {_AITEX_URL}/NODefect_images.7z and "
+                    f"{_AITEX_URL}/Mask_images.7z (homepage https://www.aitex.es/afid/) and extract all three with "
+                    "`7z x` into one folder named AITEX, so that it holds NODefect_images/, Defect_images/ and "
+                    "Mask_images/."
+                ),
+            )
+        },
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------ SDD (KolektorSDD)
+RAW_LAYOUTS["sdd"] = RawLayout(marker="kos01")
+register(
+    Dataset(
+        name="sdd",
+        subsets=("SDD",),
+        licence="CC BY-NC-SA 4.0",
+        homepage="https://www.vicos.si/resources/kolektorsdd/",
+        converter=_converter("convert_sdd"),
+        sources={
+            "SDD": Source(
+                key="sdd",
+                url="https://go.vicos.si/kolektorsdd",  # unverified: ViCoS short link that redirects to the zip
+                # unverified: the hash anomalib pins for this file (not checked here, no network)
+                sha256="65dc621693418585de9c4467d1340ea7958a6181816f0dc2883a1e8b61f9d4dc",
+                filename="KolektorSDD.zip",
+                instructions="KolektorSDD is on https://www.vicos.si/resources/kolektorsdd/ (KolektorSDD.zip).",
+            )
+        },
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------------------- ELPV
+RAW_LAYOUTS["elpv"] = RawLayout(marker="labels.csv")
+register(
+    Dataset(
+        name="elpv",
+        subsets=("elpv",),
+        licence="CC BY-NC-SA 4.0",
+        homepage="https://github.com/zae-bayern/elpv-dataset",
+        converter=_converter("convert_elpv"),
+        sources={
+            "elpv": Source(
+                key="elpv",
+                # unverified: the branch archive of the repository (its bytes change with each commit, hence no
+                # sha256); the PyPI package elpv-dataset carries the same labels.csv and 2,624 images offline.
+                url="https://github.com/zae-bayern/elpv-dataset/archive/refs/heads/master.zip",
+                filename="elpv-dataset-master.zip",
+                package="elpv-dataset",
+                instructions="`pip install elpv-dataset` provides the data without a download.",
+            )
+        },
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------- Optical (DAGM 2007)
+RAW_LAYOUTS["optical"] = RawLayout(marker="Class1")
+register(
+    Dataset(
+        name="optical",
+        subsets=("optical",),
+        licence="DAGM 2007 competition terms (non-commercial research; licence form on the homepage)",  # unverified
+        # unverified: the HCI Heidelberg page that hands out the data after a licence form
+        homepage="https://hci.iwr.uni-heidelberg.de/content/weakly-supervised-learning-industrial-optical-inspection",
+        converter=_converter("convert_optical"),
+        sources={
+            "optical": Source(
+                key="optical",
+                filename="dagm-2007-competition-dataset-optical-inspection.zip",
+                manual=True,
+                instructions=(
+                    "DAGM 2007 needs a licence form (https://hci.iwr.uni-heidelberg.de/content/"
+                    "weakly-supervised-learning-industrial-optical-inspection) or a Kaggle login: "
+                    "`kaggle datasets download mhskjelvareid/dagm-2007-competition-dataset-optical-inspection` "
+                    "(unverified: Kaggle mirror; a copy is also on https://zenodo.org/records/12750201). "
+                    "It must hold Class1/ ... Class10/ with Train/ and Test/ and their Label/Labels.txt."
+                ),
+            )
+        },
+    )
+)
+
+
+# -------------------------------------------------------------------------------------------------------- Mastcam
+RAW_LAYOUTS["mastcam"] = RawLayout(marker="test_novel")
+register(
+    Dataset(
+        name="mastcam",
+        subsets=("mastcam",),
+        licence="CC BY 4.0",
+        homepage="https://doi.org/10.5281/zenodo.3732485",
+        converter=_converter("convert_mastcam"),
+        sources={
+            "mastcam": Source(
+                key="mastcam",
+                filename="mastcam",  # a folder: the record holds one zip per split
+                manual=True,
+                instructions=(
+                    "download train_typical.zip, test_typical.zip and test_novel.zip from "
+                    "https://zenodo.org/records/3732485 (unverified: the Mastcam novelty detection record of "
+                    "Kerner et al.) and unzip them into one folder named mastcam, so that it holds "
+                    "train_typical/, test_typical/ and test_novel/<class>/."
+                ),
+            )
+        },
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------------- BrainMRI
+RAW_LAYOUTS["brainmri"] = RawLayout(marker="yes")
+register(
+    Dataset(
+        name="brainmri",
+        subsets=("brainmri",),
+        licence="not stated by the Kaggle uploader (research use)",  # unverified
+        homepage="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
+        converter=_converter("convert_brainmri"),
+        sources={
+            "brainmri": Source(
+                key="brainmri",
+                filename="brain-mri-images-for-brain-tumor-detection.zip",
+                manual=True,
+                instructions=(
+                    "Kaggle needs a login: `kaggle datasets download navoneel/brain-mri-images-for-brain-tumor-"
+                    "detection`, or the Download button of "
+                    "https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection "
+                    "(rename its archive.zip). It holds no/ and yes/."
+                ),
+            )
+        },
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------------------- HeadCT
+RAW_LAYOUTS["headct"] = RawLayout(marker="labels.csv")
+register(
+    Dataset(
+        name="headct",
+        subsets=("headct",),
+        licence="as stated on the Kaggle page (reported as CC0 1.0)",  # unverified
+        homepage="https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage",
+        converter=_converter("convert_headct"),
+        sources={
+            "headct": Source(
+                key="headct",
+                filename="head-ct-hemorrhage.zip",
+                manual=True,
+                instructions=(
+                    "Kaggle needs a login: `kaggle datasets download felipekitamura/head-ct-hemorrhage`, or the "
+                    "Download button of https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage "
+                    "(rename its archive.zip). It holds labels.csv and head_ct/head_ct/000.png ... 199.png."
+                ),
+            )
+        },
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------- Hyper-Kvasir
+RAW_LAYOUTS["hyperkvasir"] = RawLayout(marker="upper-gi-tract")
+register(
+    Dataset(
+        name="hyperkvasir",
+        subsets=("hyperkvasir",),
+        licence="CC BY 4.0",
+        homepage="https://datasets.simula.no/hyper-kvasir/",
+        converter=_converter("convert_hyperkvasir"),
+        sources={
+            "hyperkvasir": Source(
+                key="hyperkvasir",
+                # unverified: Simula's direct link to the labelled images (3.9 GB); also on OSF, https://osf.io/mh9sj/
+                url="https://datasets.simula.no/downloads/hyper-kvasir/hyper-kvasir-labeled-images.zip",
+                sha256=None,  # one public script pins c603449b1bc0be86948b11d9aea8b2002058a11e6f5499e2a384b9ae9c8dbd3f
+                filename="hyper-kvasir-labeled-images.zip",
+                instructions=(
+                    "Hyper-Kvasir's labelled images are on https://datasets.simula.no/hyper-kvasir/ and "
+                    "https://osf.io/mh9sj/ (hyper-kvasir-labeled-images.zip)."
+                ),
+            )
+        },
+    )
+)

@@ -1,0 +1,129 @@
+"""Heads, deviation loss, backbones and the base trainer: shapes, targets, gradients, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ahl.backbones import build_backbone, multiscale
+from ahl.devnet import DevNetHeads
+from ahl.dra import DRAHeads
+from ahl.errors import UserError
+from ahl.heads import topk_mean
+from ahl.losses import deviation_loss
+from ahl.model import BackboneConfig, load_checkpoint, save_checkpoint
+from ahl.train import BaseConfig, BatchSampler, train_base
+
+
+def test_deviation_loss_values():
+    s = torch.tensor([0.5, -2.0, 7.0, 1.0])
+    y = torch.tensor([0, 0, 1, 1])
+    # normals: |s| ; anomalies: max(0, 5 - s)
+    expected = (0.5 + 2.0 + 0.0 + 4.0) / 4
+    assert deviation_loss(s, y).item() == pytest.approx(expected)
+    assert deviation_loss(s, y, margin=1.0).item() == pytest.approx((0.5 + 2.0 + 0.0 + 0.0) / 4)
+
+
+def test_topk_mean_takes_the_largest_magnitudes():
+    x = torch.zeros(1, 1, 4, 5)
+    x[0, 0, 0, 0], x[0, 0, 1, 1] = -10.0, 4.0
+    assert topk_mean(x, 0.1).item() == pytest.approx(7.0)  # k = 2 of 20 positions
+    assert topk_mean(x, 0.01).item() == pytest.approx(10.0)  # k >= 1
+
+
+def _features(batch=6, channels=8):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, channels, 6, 6, generator=g), torch.randn(batch, channels, 3, 3, generator=g)]
+
+
+def test_dra_heads_shapes_targets_and_gradients():
+    heads = DRAHeads(8, topk=0.1, hidden=16)
+    feats = _features()
+    reference = [f[:2].mean(0) for f in feats]
+    scores = heads(feats, reference)
+    assert scores.shape == (6, 4) and heads.final_score(scores).shape == (6,)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    masks = heads.targets(labels)
+    assert masks[1][0].tolist() == [True, True, True, True, False, False]  # seen head ignores pseudo
+    assert masks[2][0].tolist() == [True, True, False, False, True, True]  # pseudo head ignores seen
+    assert masks[0][1].tolist() == [True, True, False, False, False, False]  # holistic learns normality
+    heads.loss(scores, labels).backward()
+    for name, p in heads.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # final score = -holistic + seen + pseudo + composite
+    s = scores.detach()
+    assert torch.allclose(heads.final_score(s), -s[:, 0] + s[:, 1] + s[:, 2] + s[:, 3])
+
+
+def test_dra_needs_reference_and_official_geometry_shrinks_the_map():
+    heads = DRAHeads(8)
+    with pytest.raises(ValueError, match="reference"):
+        heads(_features(), None)
+    official = DRAHeads(8, official_geometry=True)
+    x = torch.randn(2, 8, 14, 14)
+    assert official.composite_head.conv(x).shape[-1] == 4 and heads.composite_head.conv(x).shape[-1] == 14
+
+
+def test_devnet_head():
+    heads = DevNetHeads(8)
+    scores = heads(_features())
+    assert scores.shape == (6, 1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    mask, target = heads.targets(labels)[0]
+    assert mask.all() and target.tolist() == [False, False, True, True, True, True]
+
+
+def test_backbone_two_scales_and_errors():
+    net = build_backbone("efficientnet_lite0", "imagenet").eval()
+    with torch.no_grad():
+        feats = multiscale(net, torch.rand(1, 3, 128, 128), 2)
+    assert [tuple(f.shape) for f in feats] == [(1, 320, 4, 4), (1, 320, 2, 2)]
+    with pytest.raises(UserError, match="unknown backbone.name 'vgg'.*efficientnet_lite0, resnet18"):
+        build_backbone("vgg")
+    with pytest.raises(UserError, match="pretrained"):
+        build_backbone("resnet18", "imagenet21k")
+
+
+def test_resnet18_without_cached_weights_says_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        build_backbone("resnet18", "imagenet")
+    except UserError as exc:  # offline (this machine, CI): the message says which file goes where
+        assert "resnet18-f37072fd.pth" in str(exc) and str(tmp_path / "hub" / "checkpoints") in str(exc)
+    else:  # with internet torchvision downloaded it into the cache
+        assert (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+
+
+def test_batches_are_balanced_and_seeded():
+    normals = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    anomalies = normals[:3]
+    cfg = BaseConfig(model="dra", batch_size=12, n_ref=2, rotation=0)
+    images, labels, ref = BatchSampler(normals, anomalies, cfg, np.random.default_rng(1))()
+    assert images.shape == (12, 32, 32, 3) and ref.shape == (2, 32, 32, 3)
+    assert (labels == 1).sum() == 4 and set(labels[:8]) <= {0, 2}
+    again = BatchSampler(normals, anomalies, cfg, np.random.default_rng(1))()
+    assert np.array_equal(images, again[0]) and np.array_equal(labels, again[1])
+    _, dev_labels, dev_ref = BatchSampler(normals, anomalies, BaseConfig(model="devnet", batch_size=12), np.random.default_rng(1))()
+    assert (dev_labels == 1).sum() == 6 and (dev_labels == 0).sum() == 6 and dev_ref is None
+
+
+@pytest.mark.parametrize("model", ["dra", "devnet"])
+def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    anomalies = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    bb = BackboneConfig(name="efficientnet_lite0", pretrained="none", image_size=64, n_scales=2)
+    cfg = BaseConfig(model=model, epochs=1, steps_per_epoch=2, batch_size=6, n_ref=2)
+    a = train_base(normals, anomalies, bb, cfg, seed=5, device=torch.device("cpu"))
+    b = train_base(normals, anomalies, bb, cfg, seed=5, device=torch.device("cpu"))
+    assert a.meta["history"][0]["loss"] == b.meta["history"][0]["loss"]
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    save_checkpoint(tmp_path / "m.pt", a)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x, loaded.reference), a.model.eval()(x, a.reference))
+    with pytest.raises(UserError, match="missing checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")

@@ -1,0 +1,140 @@
+"""The real DVC pipeline in a temporary git repository, on a tiny config of the embedded dataset.
+
+dvc repro; a second repro reruns nothing; an evaluation param reruns only evaluation; another subset of the
+same dataset does not download again; dvc metrics diff and dvc exp show see the experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.pipeline
+
+TINY = {
+    "embedded": {"image_size": 64, "n_train": 12, "n_test_good": 6, "n_per_defect": 5, "seed": 0},
+    "protocol": {"n_anomalies": 2, "test_set_m": 2},
+    "backbone": {"image_size": 64, "n_scales": 2},
+    "base": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 2},
+}
+
+
+def _merge(params: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict):
+            params[key] = _merge(dict(params.get(key) or {}), value)
+        else:
+            params[key] = value
+    return params
+
+
+def tiny_params(override: dict | None = None) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _merge(params, TINY)
+    return _merge(params, override or {})
+
+
+class Repo:
+    """A copy of the project in a fresh git repository with DVC initialised."""
+
+    def __init__(self, path: Path, params: dict):
+        self.path = path
+        for name in ("ahl", "stages"):
+            shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        self.env = {
+            **os.environ,
+            "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        self.env.pop("DVC_SITE_CACHE_DIR", None)
+        self.git("init", "-q")
+        self.dvc("init", "-q")
+        self.dvc("config", "core.site_cache_dir", str(path / ".dvc-site-cache"))
+        self.git("add", "-A")
+        self.git("commit", "-qm", "init")
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args).stdout
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def ran(self, out: str) -> set[str]:
+        return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    return Repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
+
+
+def test_repro_runs_every_stage_then_nothing(repo):
+    first = repo.dvc("repro")
+    assert repo.ran(first.stdout) == {"resolve", "download", "convert", "split", "train_base", "evaluate"}
+    metrics = json.loads((repo.path / "results/metrics.json").read_text())
+    assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
+    assert 0.0 <= metrics["base"]["auc_roc"] <= 1.0 and "auc_pr" in metrics["base"]
+    assert set(metrics["base"]["per_class_auc_roc"]) <= {"scratch", "hole", "stain", "foreign", "crack"}
+    scores = (repo.path / "results/scores.csv").read_text().splitlines()
+    assert scores[0] == "file,label,class,seen,score_base" and len(scores) > 10
+    assert (repo.path / "results/plots/curves.png").stat().st_size > 1000
+    roc = json.loads((repo.path / "results/plots/roc/base.json").read_text())
+    assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1]["fpr"] == 1.0
+    second = repo.dvc("repro")
+    assert repo.ran(second.stdout) == set()
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline")
+
+
+def test_evaluation_param_reruns_only_evaluation(repo):
+    res = repo.dvc("exp", "run", "-S", "evaluate.curve_points=20")
+    assert repo.ran(res.stdout) == {"evaluate"}
+    assert len(json.loads((repo.path / "results/plots/roc/base.json").read_text())) <= 20
+
+
+def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):
+    res = repo.dvc("exp", "run", "-S", "classname=grass", "-S", "evaluate.curve_points=200")
+    ran = repo.ran(res.stdout)
+    assert "download" not in ran and "convert" not in ran
+    assert {"resolve", "split", "train_base", "evaluate"} <= ran
+    assert json.loads((repo.path / "results/metrics.json").read_text())["classname"] == "grass"
+    diff = repo.dvc("metrics", "diff", "--json").stdout
+    changed = json.loads(diff)["results/metrics.json"]
+    assert "base.auc_roc" in changed and changed["base.auc_roc"]["old"] is not None
+    shown = repo.dvc("exp", "show", "--json").stdout
+    assert shown.count('"classname": "grass"') >= 1 and shown.count('"classname": "brick"') >= 1
+
+
+def test_bad_classname_is_one_line_and_leaves_nothing(repo):
+    res = repo.dvc("exp", "run", "-S", "classname=nope", check=False)
+    assert res.returncode != 0
+    assert "error: unknown classname 'nope'; known classnames: AITEX" in res.stderr + res.stdout
+
+
+def test_stage_runs_as_plain_python_without_dvc(repo, tmp_path):
+    params = tiny_params({"protocol": {"n_anomalies": 99, "test_set_m": 2}})
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    before = (repo.path / "data/split.json").read_text()
+    res = repo.run(sys.executable, "stages/split.py", "--params", str(bad), check=False)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "n_anomalies=99" in lines[0]
+    assert (repo.path / "data/split.json").read_text() == before  # no partial output
