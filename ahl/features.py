@@ -96,6 +96,7 @@ class CacheConfig:
     dtype: str = "float16"  # storage dtype: float16 (half the disk) or float32
     batch_size: int = 32
     dtd_dir: str | None = None  # a folder of DTD textures for DRAEM; None = scikit-image's photographs
+    variants: int = 1  # independent draws of every family ("family@k"), for ahl.redraw_augmentation
 
     def __post_init__(self) -> None:
         from ahl.augment import FAMILIES
@@ -105,6 +106,8 @@ class CacheConfig:
                 raise UserError(f"params.yaml: features.families: unknown family {family!r}; known: {FAMILIES}")
         if len(set(self.families)) < 2:
             raise UserError("params.yaml: features.families needs at least 2 families (support and query differ)")
+        if self.variants < 1:
+            raise UserError(f"params.yaml: features.variants must be >= 1, got {self.variants}")
         if self.dtype not in ("float16", "float32"):
             raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
 
@@ -169,11 +172,13 @@ def write_cache(
 
         for name, (images, labels, classes, files) in splits.items():
             extract(name, len(images), lambda i, images=images: images[i], labels, classes, files)
+        n = len(normals)
         for k, family in enumerate(config.families):
-            rng = np.random.default_rng([seed, k])
-            n = len(normals)
-            made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8, seeded per family
-            extract(f"pseudo_{family}", n, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
+            for v in range(config.variants):
+                rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
+                made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8
+                name = f"pseudo_{family}" if config.variants == 1 else f"pseudo_{family}@{v}"
+                extract(name, n, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
         for s, r in enumerate(reference):
             np.save(tmp / f"reference.s{s}.npy", r.float().cpu().numpy())
         write_json(tmp / INDEX, index)

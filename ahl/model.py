@@ -87,3 +87,30 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
 
 def backbone_meta(cfg: BackboneConfig) -> dict:
     return asdict(cfg)
+
+
+# AHL's output: scoring heads only (they run on the base model's cached features).
+def save_heads(path: str | Path, heads: ScoringHeads, meta: dict) -> None:
+    """Save trained heads with what is needed to rebuild them: model, in_channels, topk, members."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": 1, "state_dict": heads.state_dict(), "meta": meta}, tmp)
+
+
+def load_heads(path: str | Path) -> tuple[ScoringHeads, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing {path}; run the AHL stage first (dvc repro train_ahl)")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    meta = blob["meta"]
+
+    def one() -> ScoringHeads:
+        return build_heads(meta["model"], meta["in_channels"], topk=meta["topk"])
+
+    if meta.get("members"):
+        from ahl.cdl import HeadsEnsemble
+
+        heads: ScoringHeads = HeadsEnsemble([one() for _ in range(meta["members"])])
+    else:
+        heads = one()
+    heads.load_state_dict(blob["state_dict"])
+    return heads.eval(), meta

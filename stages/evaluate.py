@@ -8,12 +8,15 @@ from common import ROOT, run, section
 
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
+from ahl.errors import UserError
 from ahl.evaluate import compute_metrics, curves, score_images
 from ahl.io import atomic_path, read_json, write_json
-from ahl.model import load_checkpoint
+from ahl.features import load_cache
+from ahl.model import load_checkpoint, load_heads
 from ahl.runtime import resolve_device
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
+CACHE, AHL = "cache/features", "models/ahl.pt"
 METRICS, SCORES, PLOTS = "results/metrics.json", "results/scores.csv", "results/plots"
 
 
@@ -47,7 +50,18 @@ def main(params: dict) -> None:
 
     ckpt = load_checkpoint(ROOT / BASE, device)
     images = load_images(ROOT / DATA / split.classname, [s.file for s in split.test], ckpt.meta["backbone"]["image_size"])
-    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, int(cfg.get("batch_size", 32)))[0]}
+    batch_size = int(cfg.get("batch_size", 32))
+    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size)[0]}
+    names = {"base": ckpt.meta["model"]}
+    if (ROOT / AHL).is_file():
+        from ahl.cdl import score
+
+        cache = load_cache(ROOT / CACHE)
+        if cache.test.files != [s.file for s in split.test]:
+            raise UserError(f"{CACHE} was built for another split; rerun the features stage (dvc repro)")
+        heads, meta = load_heads(ROOT / AHL)
+        scores["ahl"] = score(cache.test, heads.to(device), cache.reference, device, batch_size)
+        names["ahl"] = f"AHL({meta['model']})"
 
     metrics = {
         "classname": split.classname,
@@ -55,7 +69,6 @@ def main(params: dict) -> None:
         "n_anomalies": split.config["n_anomalies"],
         "seen_classes": split.seen_classes,
     }
-    names = {"base": ckpt.meta["model"]}
     curve_sets = {}
     for key, s in scores.items():
         metrics[key] = {"model": names[key], **compute_metrics(labels, s, classes, seen)}

@@ -24,6 +24,9 @@ TINY = {
     "protocol": {"n_anomalies": 2, "test_set_m": 2},
     "backbone": {"image_size": 64, "n_scales": 2},
     "base": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 2},
+    "features": {"batch_size": 16},
+    "ahl": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 6, "update_step": 1, "history": 1,
+            "pool_pseudo_per_family": 4, "hadg": {"n_clusters": 2}},
 }
 
 
@@ -87,13 +90,18 @@ def repo(tmp_path_factory) -> Repo:
 
 def test_repro_runs_every_stage_then_nothing(repo):
     first = repo.dvc("repro")
-    assert repo.ran(first.stdout) == {"resolve", "download", "convert", "split", "train_base", "evaluate"}
+    assert repo.ran(first.stdout) == {
+        "resolve", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
+    }
     metrics = json.loads((repo.path / "results/metrics.json").read_text())
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
     assert 0.0 <= metrics["base"]["auc_roc"] <= 1.0 and "auc_pr" in metrics["base"]
+    assert metrics["ahl"]["model"] == "AHL(dra)" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
+    epochs = json.loads((repo.path / "results/ahl_epochs.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2]
     assert set(metrics["base"]["per_class_auc_roc"]) <= {"scratch", "hole", "stain", "foreign", "crack"}
     scores = (repo.path / "results/scores.csv").read_text().splitlines()
-    assert scores[0] == "file,label,class,seen,score_base" and len(scores) > 10
+    assert scores[0] == "file,label,class,seen,score_base,score_ahl" and len(scores) > 10
     assert (repo.path / "results/plots/curves.png").stat().st_size > 1000
     roc = json.loads((repo.path / "results/plots/roc/base.json").read_text())
     assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1]["fpr"] == 1.0
@@ -107,6 +115,11 @@ def test_evaluation_param_reruns_only_evaluation(repo):
     res = repo.dvc("exp", "run", "-S", "evaluate.curve_points=20")
     assert repo.ran(res.stdout) == {"evaluate"}
     assert len(json.loads((repo.path / "results/plots/roc/base.json").read_text())) <= 20
+
+
+def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
+    res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.curve_points=200")
+    assert repo.ran(res.stdout) == {"train_ahl", "evaluate"}
 
 
 def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):

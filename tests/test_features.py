@@ -1,0 +1,92 @@
+"""The feature cache: shapes, dtypes, the same features as scoring, pseudo-anomaly families, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ahl.data.mvtec import load_images, read_subset
+from ahl.errors import UserError
+from ahl.features import CacheConfig, load_cache, write_cache
+from ahl.model import BackboneConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = build_model("dra", BackboneConfig(name="efficientnet_lite0", image_size=64, n_scales=2)).eval()
+    return m
+
+
+def _splits(root):
+    sub = read_subset(root, "brick")
+    normals = list(sub.train_good[:6])
+    anomalies = list(sub.anomalies["hole"][:2])
+    test = list(sub.test_good[:3]) + list(sub.anomalies["crack"][:3])
+    part = lambda files, labels, classes: (load_images(sub.root, files, 64), labels, classes, files)  # noqa: E731
+    return {
+        "train_normal": part(normals, [0] * 6, ["good"] * 6),
+        "train_anomaly": part(anomalies, [1] * 2, ["hole"] * 2),
+        "test": part(test, [0, 0, 0, 1, 1, 1], ["good"] * 3 + ["crack"] * 3),
+    }
+
+
+def test_cache_shapes_dtypes_and_scoring_features(small_dataset, model, tmp_path):
+    splits = _splits(small_dataset)
+    reference = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
+    write_cache(tmp_path / "c", model, reference, splits, CacheConfig(batch_size=4), seed=0, device="cpu", meta={"x": 1})
+    cache = load_cache(tmp_path / "c")
+    assert cache.meta == {"x": 1} and cache.n_scales == 2
+    assert sorted(cache.pseudo) == ["cutmix", "cutpaste", "draem"]
+    for fs, n in [(cache.train_normal, 6), (cache.train_anomaly, 2), (cache.test, 6), *[(p, 6) for p in cache.pseudo.values()]]:
+        assert [x.shape for x in fs.scales] == [(n, 320, 2, 2), (n, 320, 1, 1)]
+        assert all(x.dtype == np.float16 and isinstance(x, np.memmap) for x in fs.scales)
+    assert cache.pseudo["draem"].labels.tolist() == [2] * 6 and cache.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert cache.test.classes[-1] == "crack" and cache.train_anomaly.files == splits["train_anomaly"][3]
+    # cached features = the features the model computes when scoring (eval mode, normalisation inside)
+    x = torch.from_numpy(splits["test"][0]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        feats = model.features(x)
+    for s in range(2):
+        assert np.allclose(cache.test.scales[s], feats[s].numpy(), atol=2e-2, rtol=1e-2)
+    # pseudo anomalies differ from their normals, family by family
+    for fam in cache.pseudo.values():
+        assert not np.allclose(fam.scales[0], cache.train_normal.scales[0])
+    assert np.allclose(cache.reference[0], reference[0].numpy())
+
+
+def test_cache_is_deterministic_and_float32_option(small_dataset, model, tmp_path):
+    splits = _splits(small_dataset)
+    ref = [torch.zeros(320, 2, 2), torch.zeros(320, 1, 1)]
+    for name in ("a", "b"):
+        write_cache(tmp_path / name, model, ref, splits, CacheConfig(families=("cutpaste", "cutmix")), seed=3, device="cpu")
+    a, b = load_cache(tmp_path / "a"), load_cache(tmp_path / "b")
+    assert np.array_equal(a.pseudo["cutpaste"].scales[0], b.pseudo["cutpaste"].scales[0])
+    write_cache(tmp_path / "f32", model, ref, splits, CacheConfig(dtype="float32", variants=2), seed=3, device="cpu")
+    c = load_cache(tmp_path / "f32")
+    assert c.test.scales[0].dtype == np.float32 and sorted(c.pseudo)[:2] == ["cutmix@0", "cutmix@1"]
+
+
+def test_failure_midway_leaves_no_cache(small_dataset, model, tmp_path, monkeypatch):
+    import ahl.augment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(ahl.augment.PseudoAnomalyMaker, "make", broken)
+    with pytest.raises(RuntimeError):
+        write_cache(tmp_path / "c", model, [torch.zeros(320, 2, 2)] * 2, _splits(small_dataset), CacheConfig(), seed=0, device="cpu")
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="not a complete feature cache"):
+        load_cache(tmp_path / "c")
+
+
+def test_cache_config_errors():
+    with pytest.raises(UserError, match="unknown family 'mixup'"):
+        CacheConfig(families=("mixup", "draem"))
+    with pytest.raises(UserError, match="at least 2 families"):
+        CacheConfig(families=("draem",))
+    with pytest.raises(UserError, match="float16 or float32"):
+        CacheConfig(dtype="int8")
