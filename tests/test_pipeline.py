@@ -26,7 +26,7 @@ TINY = {
     "base": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 2},
     "features": {"batch_size": 16},
     "ahl": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 6, "update_step": 1, "history": 1,
-            "pool_pseudo_per_family": 4, "hadg": {"n_clusters": 2}},
+            "pool_pseudo_per_family": 4, "hadg": {"n_clusters": 2, "min_cluster_size": 1}},
 }
 
 

@@ -108,3 +108,8 @@ def _load_builtin() -> None:
 
 def dataset_dir(root: Path, classname: str) -> Path:
     return Path(root) / classname
+
+
+def source_of(selection: Selection) -> Source | None:
+    """The registered source of a resolved classname (None for built datasets such as the embedded demo)."""
+    return get_source(get_dataset(selection.dataset), selection.source) if get_dataset(selection.dataset).sources else None

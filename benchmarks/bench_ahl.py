@@ -1,0 +1,206 @@
+"""Speed and memory of AHL's training steps at the papers' shapes, against this machine's float32 matmul rate.
+
+    python benchmarks/bench_ahl.py [--full] [--device auto|cpu|cuda]
+
+DRA heads on [512, 14, 14] + [512, 7, 7] float16 features of a 300-normal class (10 seen anomalies, 3 pseudo
+families), 6 tasks x update_step 3 x 20 steps x batch 48. Times one inner step (first and second order), one
+task's outer step, and an epoch: by default a reduced epoch (one task, one round of inner steps) extrapolated
+to the full one; ``--full`` runs a real epoch of train_ahl. Efficiency = counted FLOPs (FlopCounterMode) of a
+step / its time / the dense float32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ahl.cdl import AHLConfig, FeatureStore, _final_scores, adapt, query_loss, score, train_ahl  # noqa: E402
+from ahl.features import FeatureCache, FeatureSet  # noqa: E402
+from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features  # noqa: E402
+from ahl.heads import NORMAL, PSEUDO, SEEN, build_heads  # noqa: E402
+from ahl.runtime import resolve_device  # noqa: E402
+
+FAMILIES = ("cutmix", "cutpaste", "draem")
+
+
+def synthetic_cache(n_normal: int, n_seen: int, n_test: int, channels: int, sizes: tuple[int, ...], seed: int):
+    """Random non-negative float16 features (like ReLU outputs) in the layout of a real cache."""
+    rng = np.random.default_rng(seed)
+
+    def fs(n, label, cls):
+        scales = [(0.5 * rng.standard_gamma(1.0, size=(n, channels, s, s), dtype=np.float32)).astype(np.float16)
+                  for s in sizes]
+        return FeatureSet(scales, np.full(n, label, np.int64), [cls] * n, [""] * n)
+
+    normal = fs(n_normal, NORMAL, "good")
+    test = fs(n_test, NORMAL, "good")
+    test.labels[n_test // 2 :] = 1
+    return FeatureCache(
+        train_normal=normal,
+        train_anomaly=fs(n_seen, SEEN, "seen"),
+        pseudo={f: fs(n_normal, PSEUDO, f) for f in FAMILIES},
+        test=test,
+        reference=[x[:5].astype(np.float32).mean(axis=0) for x in normal.scales],
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 matmul FLOP/s (best of ``repeats``: the machine's attainable rate)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = min(timed(lambda: torch.mm(a, b), device, 1, warmup=1 if k == 0 else 0) for k in range(repeats))
+    return 2 * n**3 / best
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="run one real epoch instead of extrapolating")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--normals", type=int, default=300)
+    parser.add_argument("--seen", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+
+    config = AHLConfig()  # the paper's defaults: 6 tasks x 3 rounds x 20 steps x batch 48
+    cache = synthetic_cache(args.normals, args.seen, 150, 512, (14, 7), seed=0)
+    # as train_ahl runs them: channels_last conv weights and features (FeatureStore gathers channels_last)
+    heads = build_heads("dra", 512).to(device).to(memory_format=torch.channels_last).train()
+    rate = matmul_rate(device)
+
+    clusters = cluster_normals(pool_features(cache.train_normal.scales), HADGConfig(), seed=0)
+    rng = np.random.default_rng(0)
+    tasks = make_tasks(clusters, args.seen, list(FAMILIES), rng)
+    store = FeatureStore(cache, FAMILIES, device)
+    split_of = {f: f for f in FAMILIES}
+    ref = store.reference
+    task = tasks[0]
+    theta = dict(heads.named_parameters())
+    buffers = dict(heads.named_buffers())
+
+    def support_batch():
+        b = draw_batch(task.support_normals, task.support_anomalies, task.support_family, config.batch_size, rng)
+        return store.batch(b, split_of)
+
+    def query_batch():
+        b = draw_batch(task.query_normals, task.query_anomalies, task.query_family, config.batch_size, rng)
+        return store.batch(b, split_of)
+
+    batch = support_batch()
+    rows: list[tuple[str, float, float | None]] = []  # (what, seconds, flops)
+
+    gather = timed(support_batch, device, args.repeats)
+    rows.append(("gather one batch (float16 -> float32)", gather, None))
+
+    def inner(second_order: bool):
+        return lambda: adapt(heads, theta, buffers, [batch], ref, config.inner_lr, second_order)
+
+    for order, label in ((False, "inner step, first order"), (True, "inner step, second order (create_graph)")):
+        rows.append((label, timed(inner(order), device, args.repeats), flops(inner(order))))
+
+    def forward_only():
+        with torch.no_grad():
+            heads(batch[0], ref)
+
+    rows.append(("forward only, batch 48", timed(forward_only, device, args.repeats), flops(forward_only)))
+
+    def outer_one_task(n_inner: int):
+        def run():
+            phi, _ = adapt(heads, theta, buffers, [batch] * n_inner, ref, config.inner_lr, config.second_order)
+            query_loss(heads, phi, buffers, *batch, ref).backward()
+            heads.zero_grad(set_to_none=True)
+
+        return run
+
+    # the query pass of one task: adapted with its (second order) first step, then L_query's backward
+    query_only = timed(outer_one_task(1), device, args.repeats) - rows[2][1]
+    q_flops = flops(outer_one_task(1)) - rows[2][2]
+    rows.append(("outer step of one task: query fwd + backward through step 1", query_only, q_flops))
+
+    pool_n = len(np.concatenate(clusters)) + args.seen + 3 * config.pool_pseudo_per_family
+    chunks = [[x[:1].expand(config.eval_batch_size, *x.shape[1:]).contiguous() for x in batch[0]]]
+    per_chunk = timed(lambda: _final_scores(heads, theta, buffers, chunks, ref), device, args.repeats)
+    pool_time = per_chunk * pool_n / config.eval_batch_size
+    rows.append((f"score psi's pool ({pool_n} samples) with one phi_i", pool_time, None))
+    test_time = timed(lambda: score(cache.test, heads, cache.reference, device, config.eval_batch_size), device, 1)
+    rows.append((f"score the test set ({len(cache.test)} images)", test_time, None))
+
+    t = len(tasks)
+    n_inner = config.update_step * config.steps_per_epoch
+    t_fo, t_so = rows[1][1], rows[2][1]
+    # reduced epoch: one task, one round of steps_per_epoch inner steps, its query pass, its pool scoring
+    reduced = timed(outer_one_task(config.steps_per_epoch), device, 1, warmup=0) + pool_time
+    rows.append((f"reduced epoch: 1 task x 1 round x {config.steps_per_epoch} steps (+ query, pool)", reduced, None))
+    task_time = t_so + (n_inner - 1) * t_fo + query_only + pool_time + n_inner * gather
+    epoch_est = t * task_time + test_time
+    rows.append((f"epoch, extrapolated: {t} tasks x {n_inner} inner steps", epoch_est, None))
+    if args.full:
+        full = AHLConfig(epochs=1)
+        start = time.perf_counter()
+        train_ahl(cache, heads.cpu(), full, seed=0, device=device)
+        rows.append(("epoch, measured (train_ahl, epochs=1)", time.perf_counter() - start, None))
+
+    epoch_flops = t * (rows[2][2] + (n_inner - 1) * rows[1][2] + q_flops)
+    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, load {os.getloadavg()}")
+    print(f"dense float32 matmul 2048x2048: {rate / 1e9:.1f} GFLOP/s")
+    print(f"{'what':<66} {'time':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% mm':>6}")
+    for what, sec, fl in rows:
+        if fl:
+            achieved = fl / sec
+            print(
+                f"{what:<66} {sec * 1e3:>8.1f}ms {fl / 1e9:>8.1f} {achieved / 1e9:>8.1f} {100 * achieved / rate:>5.0f}%"
+            )
+        else:
+            print(f"{what:<66} {sec * 1e3:>8.1f}ms")
+    print(f"epoch FLOPs (inner + query, counted): {epoch_flops / 1e12:.2f} TFLOP; at the matmul rate: "
+          f"{epoch_flops / rate:.1f} s; 30 epochs extrapolated: {30 * epoch_est / 60:.1f} min")
+    print(f"peak RSS: {peak_rss_gb():.2f} GB (target <= 4 GB); efficiency target >= 50 % of matmul")
+
+
+if __name__ == "__main__":
+    main()

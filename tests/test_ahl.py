@@ -1,0 +1,397 @@
+"""AHL on a small synthetic feature cache: HADG's tasks, CDL's inner and outer steps, psi, and the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from ahl.cdl import AHLConfig, FeatureStore, adapt, forward, query_loss, score, train_ahl
+from ahl.errors import UserError
+from ahl.estimator import EstimatorConfig, GeneralisationEstimation, GeneralisationEstimator, QueryPool, rewards
+from ahl.features import FeatureCache, FeatureSet
+from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features, sample_batch
+from ahl.heads import NORMAL, PSEUDO, SEEN, build_heads
+
+C = 16  # channels of the synthetic feature maps: scales (C, 4, 4) and (C, 2, 2)
+FAMILIES = ("cutmix", "cutpaste", "draem")
+
+
+def _maps(rng, centres, blob, defect=None):
+    """Feature maps of images of the given blobs; ``defect`` (C,) is added at one random position (an anomaly)."""
+    n = len(blob)
+    x = centres[blob][:, :, None, None] + 0.3 * rng.normal(size=(n, C, 4, 4))
+    if defect is not None:
+        for k in range(n):
+            i, j = rng.integers(4, size=2)
+            x[k, :, i, j] += defect
+    small = x.reshape(n, C, 2, 2, 2, 2).mean(axis=(3, 5))  # 2x2 average pool: the half-size scale
+    return [x.astype(np.float16), small.astype(np.float16)]
+
+
+def _set(scales, label, cls):
+    n = len(scales[0])
+    return FeatureSet(scales=scales, labels=np.full(n, label, np.int64), classes=[cls] * n, files=[""] * n)
+
+
+def make_cache(seed=0, n_normal=60, n_seen=6, sizes=None) -> tuple[FeatureCache, np.ndarray]:
+    """Normals from 3 well-separated Gaussian blobs (shuffled order), seen/unseen/pseudo anomalies as local defects."""
+    rng = np.random.default_rng(seed)
+    centres = 4.0 * rng.normal(size=(3, C))
+    if sizes is None:
+        blob = rng.permutation(np.arange(n_normal) % 3)
+    else:
+        blob = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+        centres = 4.0 * rng.normal(size=(len(sizes), C))
+    # defects of the seen class, an unseen class and 3 pseudo families: a shared "anomalous" direction plus
+    # a kind-specific one, so that what the heads learn from seen and pseudo anomalies carries over to unseen ones
+    shared = rng.normal(size=C)
+    directions = 8.0 * (shared + 0.5 * rng.normal(size=(5, C))) / np.sqrt(C)
+    normal = _maps(rng, centres, blob)
+    seen = _maps(rng, centres, rng.integers(len(centres), size=n_seen), directions[0])
+    pseudo = {}
+    for f, family in enumerate(FAMILIES):  # row i made from normal i: same blob, a defect of this family
+        pseudo[family] = _set(_maps(rng, centres, blob, directions[2 + f]), PSEUDO, family)
+    test_blob = rng.integers(len(centres), size=40)
+    test_parts = [
+        _maps(rng, centres, test_blob[:20]),
+        _maps(rng, centres, test_blob[20:30], directions[0]),  # seen class
+        _maps(rng, centres, test_blob[30:], directions[1]),  # unseen class
+    ]
+    test = FeatureSet(
+        scales=[np.concatenate([p[s] for p in test_parts]) for s in range(2)],
+        labels=np.r_[np.zeros(20), np.ones(20)].astype(np.int64),
+        classes=["good"] * 20 + ["seen"] * 10 + ["unseen"] * 10,
+        files=[""] * 40,
+    )
+    cache = FeatureCache(
+        train_normal=_set(normal, NORMAL, "good"),
+        train_anomaly=_set(seen, SEEN, "seen"),
+        pseudo=pseudo,
+        test=test,
+        reference=[x[:5].astype(np.float32).mean(axis=0) for x in normal],
+    )
+    return cache, blob
+
+
+def make_heads(model="dra", seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_heads(model, C)
+
+
+FAST = AHLConfig(epochs=3, steps_per_epoch=3, update_step=1, batch_size=24, lr=2e-2, history=2, psi_steps=5)
+# Enough outer steps to learn in 3 epochs: 10 per epoch, each with one inner step per task (MAML's schedule).
+LEARN = dataclasses.replace(FAST, steps_per_epoch=10, outer_steps_per_epoch=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The ops are tiny: OpenMP's thread handoff would dominate (and the CI machine's cores are shared).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return make_cache()[0]
+
+
+# ---------------------------------------------------------------- HADG
+
+
+def test_clusters_are_the_kmeans_members_not_the_first_files():
+    cache, blob = make_cache()
+    x = pool_features(cache.train_normal.scales)
+    clusters = cluster_normals(x, HADGConfig(), seed=3)
+    labels = KMeans(n_clusters=3, n_init=10, random_state=3).fit_predict(x)
+    expected = [np.flatnonzero(labels == c) for c in range(3)]
+    assert [c.tolist() for c in clusters] == [e.tolist() for e in expected]
+    # the blobs are recovered exactly, and a cluster of n members is not the first n rows (official bug)
+    assert sorted(map(tuple, clusters)) == sorted(tuple(np.flatnonzero(blob == b)) for b in range(3))
+    assert all(c.tolist() != list(range(len(c))) for c in clusters)
+
+
+def test_random_clusters_keep_the_sizes():
+    cache, _ = make_cache()
+    x = pool_features(cache.train_normal.scales)
+    kmeans = cluster_normals(x, HADGConfig(), seed=0)
+    shuffled = cluster_normals(x, HADGConfig(random_clusters=True), seed=0)
+    assert [len(c) for c in shuffled] == [len(c) for c in kmeans]
+    assert sorted(np.concatenate(shuffled).tolist()) == list(range(len(x)))
+    assert any(set(a) != set(b) for a, b in zip(kmeans, shuffled))
+
+
+@pytest.mark.parametrize(
+    "sizes, n_clusters, n_tasks", [((20, 20, 2), 3, 2), ((15, 15, 15, 15), 4, 12), ((30, 30, 30), 3, 6)]
+)
+def test_small_clusters_are_dropped_and_tasks_are_ordered_pairs(sizes, n_clusters, n_tasks):
+    cache, _ = make_cache(sizes=sizes)
+    clusters = cluster_normals(pool_features(cache.train_normal.scales), HADGConfig(n_clusters=n_clusters), 0)
+    assert all(len(c) >= 3 for c in clusters)
+    c = len(clusters)
+    tasks = make_tasks(clusters, 6, list(FAMILIES), np.random.default_rng(0))
+    assert len(tasks) == c * (c - 1) == n_tasks
+    assert sorted((t.support_cluster, t.query_cluster) for t in tasks) == [
+        (i, j) for i in range(c) for j in range(c) if i != j
+    ]
+    for t in tasks:
+        assert t.support_normals.tolist() == clusters[t.support_cluster].tolist()
+        assert t.query_normals.tolist() == clusters[t.query_cluster].tolist()
+
+
+def test_too_few_clusters_or_families_is_a_user_error():
+    cache, _ = make_cache(sizes=(40, 2))
+    x = pool_features(cache.train_normal.scales)
+    with pytest.raises(UserError, match="n_clusters"):
+        cluster_normals(x, HADGConfig(n_clusters=2), 0)
+    clusters = [np.arange(5), np.arange(5, 10)]
+    with pytest.raises(UserError, match="families"):
+        make_tasks(clusters, 4, ["cutpaste"], np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("n_seen", [1, 2, 3, 10])
+def test_support_and_query_anomalies_are_disjoint_halves(n_seen):
+    clusters = [np.arange(0, 5), np.arange(5, 10), np.arange(10, 15)]
+    tasks = make_tasks(clusters, n_seen, list(FAMILIES), np.random.default_rng(0))
+    for t in tasks:
+        if n_seen == 1:
+            assert t.support_anomalies.tolist() == t.query_anomalies.tolist() == [0]
+        else:
+            assert not set(t.support_anomalies) & set(t.query_anomalies)
+            assert sorted(np.r_[t.support_anomalies, t.query_anomalies].tolist()) == list(range(n_seen))
+            assert len(t.support_anomalies) - len(t.query_anomalies) in (0, 1)
+    if n_seen == 10:  # the halves are re-drawn per task
+        assert len({tuple(t.support_anomalies) for t in tasks}) > 1
+
+
+@pytest.mark.parametrize("families", [FAMILIES[:2], FAMILIES])
+def test_support_and_query_families_differ(families):
+    clusters = [np.arange(0, 5), np.arange(5, 10), np.arange(10, 15)]
+    tasks = make_tasks(clusters, 4, list(families), np.random.default_rng(1))
+    assert all(t.support_family != t.query_family for t in tasks)
+    assert all(t.support_family in families and t.query_family in families for t in tasks)
+    if len(families) == 3:  # 6 tasks get the 6 ordered pairs of families
+        assert len({(t.support_family, t.query_family) for t in tasks}) == 6
+
+
+def test_batches_are_16_16_16_and_pseudo_rows_come_from_the_task_normals(cache):
+    normals = np.arange(0, 40)
+    features, labels = sample_batch(cache, normals, np.arange(6), "draem", 48, np.random.default_rng(0))
+    assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [16, 16, 16]
+    assert [tuple(f.shape) for f in features] == [(48, C, 4, 4), (48, C, 2, 2)]
+    assert all(f.dtype == torch.float32 for f in features)
+    b = draw_batch(normals, np.arange(6), "draem", 48, np.random.default_rng(0))
+    assert set(b.pseudo) <= set(normals) and set(b.normals) <= set(normals)
+    assert not set(b.pseudo) & set(b.normals)  # 32 distinct normals drawn, half replaced by their pseudo version
+    pseudo_rows = cache.pseudo["draem"].scales[0][b.pseudo].astype(np.float32)
+    np.testing.assert_array_equal(features[0][labels == PSEUDO].numpy(), pseudo_rows)
+    _, labels = sample_batch(cache, normals, np.zeros(0, np.int64), "draem", 48, np.random.default_rng(0))
+    assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [24, 0, 24]
+    _, labels = sample_batch(cache, normals, np.arange(6), None, 48, np.random.default_rng(0))
+    assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [24, 24, 0]
+
+
+# ---------------------------------------------------------------- CDL
+
+
+def _task_batches(cache, n_support, seed=0):
+    clusters = cluster_normals(pool_features(cache.train_normal.scales), HADGConfig(), 0)
+    rng = np.random.default_rng(seed)
+    task = make_tasks(clusters, len(cache.train_anomaly), list(FAMILIES), rng)[0]
+    store = FeatureStore(cache, FAMILIES, torch.device("cpu"))
+    split_of = {f: f for f in FAMILIES}
+    support = [
+        store.batch(draw_batch(task.support_normals, task.support_anomalies, task.support_family, 24, rng), split_of)
+        for _ in range(n_support)
+    ]
+    query = store.batch(draw_batch(task.query_normals, task.query_anomalies, task.query_family, 24, rng), split_of)
+    return store, support, query
+
+
+@pytest.mark.parametrize("model", ["dra", "devnet"])
+def test_inner_steps_lower_the_support_loss(cache, model):
+    heads = make_heads(model).train()
+    store, support, _ = _task_batches(cache, 1)
+    theta = dict(heads.named_parameters())
+    buffers = {n: b.clone() for n, b in heads.named_buffers()}
+    ref = store.reference
+    features, labels = support[0]
+    before = float(heads.loss(forward(heads, theta, buffers, features, ref), labels).detach())
+    phi, losses = adapt(heads, theta, buffers, support * 10, ref, inner_lr=2e-3, second_order=True)
+    after = float(heads.loss(forward(heads, phi, buffers, features, ref), labels).detach())
+    assert after < before
+    assert float(losses[-1]) < float(losses[0])
+    assert all(p.grad is None for p in heads.parameters())  # adaptation never touches theta_g's .grad
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_meta_gradient_reaches_every_parameter(cache, second_order):
+    heads = make_heads("dra").train()
+    store, support, query = _task_batches(cache, 3)
+    theta = dict(heads.named_parameters())
+    buffers = dict(heads.named_buffers())
+    phi, _ = adapt(heads, theta, buffers, support, store.reference, 2e-4, second_order)
+    query_loss(heads, phi, buffers, *query, store.reference).backward()
+    for name, p in heads.named_parameters():
+        # .grad starts as None: a parameter the outer backward does not reach keeps None
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.endswith("bias") and name != "composite_head.conv.1.bias":
+            # Biases can have an exact zero gradient: the composite conv's bias is cancelled by the train-mode
+            # BatchNorm after it, and a patch head's bias gradient is a sum of +-1 terms (top-1 of 4x4 maps).
+            continue
+        assert p.grad.abs().sum() > 0, name
+    names = {n for n, _ in heads.named_parameters()}
+    assert {"composite_head.conv.0.weight", "composite_head.conv.1.weight", "composite_head.conv.1.bias"} <= names
+
+
+def test_second_order_term_changes_the_meta_gradient(cache):
+    grads = {}
+    for second_order in (True, False):
+        heads = make_heads("dra").train()
+        store, support, query = _task_batches(cache, 2)
+        theta, buffers = dict(heads.named_parameters()), {n: b.clone() for n, b in heads.named_buffers()}
+        phi, _ = adapt(heads, theta, buffers, support, store.reference, 1e-2, second_order)
+        query_loss(heads, phi, buffers, *query, store.reference).backward()
+        grads[second_order] = torch.cat([p.grad.flatten() for p in heads.parameters()])
+    assert not torch.allclose(grads[True], grads[False])
+
+
+# ---------------------------------------------------------------- psi
+
+
+def test_psi_has_a_zero_initial_state_so_predictions_are_deterministic():
+    psi = GeneralisationEstimator(6, history=5).eval()
+    x = torch.randn(7, 5, 6)
+    a, b = psi(x), psi(x)
+    assert torch.equal(a, b)
+    out, _ = psi.lstm(x, (torch.zeros(4, 7, 6), torch.zeros(4, 7, 6)))
+    assert torch.allclose(a, psi.head(torch.relu(out[:, -1])))
+    assert a.shape == (7, 6)
+
+
+def test_rewards_follow_the_cost_and_the_support_cluster():
+    clusters = [np.arange(0, 4), np.arange(4, 8)]
+    tasks = make_tasks(clusters, 2, ["a", "b"], np.random.default_rng(0))
+    pool = QueryPool.build(clusters, 2, ["a", "b"], per_family=3, rng=np.random.default_rng(0))
+    cost, include = pool.cost_and_include(tasks)
+    labels = pool.labels()
+    assert len(pool) == 8 + 2 + 6 and labels.tolist() == [0] * 8 + [1] * 8
+    for i, t in enumerate(tasks):
+        assert include[:8, i].tolist() == [n not in t.support_normals for n in range(8)]
+        assert (cost[:8, i] == 0.5).all()
+        assert cost[8:10, i].tolist() == [0.5 if a in t.support_anomalies else 1.0 for a in range(2)]
+        for k, (family, rows) in enumerate(pool.pseudo.items()):
+            block = slice(10 + 3 * k, 13 + 3 * k)
+            assert (cost[block, i] == (0.5 if family == t.support_family else 1.0)).all()
+            assert include[block, i].tolist() == [r not in t.support_normals for r in rows]
+    predicted = np.tile(labels[:, None], (1, len(tasks)))
+    predicted[:, 1] += 1.0  # task 1 is predicted to be off by 1 everywhere, task 0 exact
+    r = rewards(predicted, labels, cost, include)
+    assert r[0] == 0 and r[1] > 0
+
+
+def test_task_weights_are_uniform_before_warm_up_and_sum_to_one(cache):
+    config = dataclasses.replace(FAST, epochs=4, history=2)
+    result = train_ahl(cache, make_heads(), config, seed=0, device=torch.device("cpu"))
+    for entry in result.history:
+        w = np.array(entry["task_weights"])
+        assert w.shape == (6,) and np.isclose(w.sum(), 1.0) and (w > 0).all()
+        if entry["epoch"] <= config.history + 1:  # psi needs K epochs as input plus one as target first
+            assert np.allclose(w, 1 / 6)
+    assert not np.allclose(result.history[-1]["task_weights"], 1 / 6)
+
+    estimation = GeneralisationEstimation(3, EstimatorConfig(history=2, weighting="uniform"), seed=0)
+    for _ in range(4):
+        estimation.push(np.random.default_rng(0).normal(size=(5, 3)))
+        estimation.fit()
+    w, _ = estimation.weights(np.zeros(5), np.ones((5, 3)), np.ones((5, 3), bool))
+    assert np.allclose(w, 1 / 3)
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def _strip(history):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+
+def test_same_seed_gives_the_same_history(cache):
+    config = dataclasses.replace(FAST, epochs=2)
+    a = train_ahl(cache, make_heads(), config, seed=5, device="cpu")
+    b = train_ahl(cache, make_heads(), config, seed=5, device="cpu")
+    assert _strip(a.history) == _strip(b.history)
+    for x, y in zip(a.test_scores, b.test_scores):
+        np.testing.assert_array_equal(x, y)
+    c = train_ahl(cache, make_heads(), config, seed=6, device="cpu")
+    assert _strip(a.history) != _strip(c.history)
+
+
+def test_training_raises_test_auc_and_leaves_the_input_heads_alone(cache):
+    heads = make_heads()
+    before = {n: p.clone() for n, p in heads.state_dict().items()}
+    initial_auc = _auc(cache, score(cache.test, heads, cache.reference, "cpu"))
+    result = train_ahl(cache, heads, LEARN, seed=0, device="cpu")
+    aucs = [e["test_auc_roc"] for e in result.history]
+    assert len(aucs) == 3 and aucs[-1] > 0.9 and aucs[-1] > initial_auc + 0.1
+    assert all(torch.equal(before[n], p) for n, p in heads.state_dict().items())
+    # the returned heads are theta_g of the last epoch: scoring them again gives the last epoch's test scores
+    again = score(cache.test, result.heads, cache.reference, "cpu")
+    np.testing.assert_allclose(again, result.test_scores[-1], rtol=1e-5, atol=1e-5)
+    assert not result.heads.training
+
+
+def _auc(cache, scores):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(cache.test.labels != 0, scores)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cdl": False},
+        {"weighting": "uniform", "second_order": False},
+        {"init": "random"},
+    ],
+)
+def test_ablations_run(cache, change):
+    config = dataclasses.replace(FAST, epochs=2, **change)
+    result = train_ahl(cache, make_heads(), config, seed=0, device="cpu")
+    assert len(result.history) == 2
+    assert all(e["test_auc_roc"] is not None for e in result.history)
+    scores = score(cache.test, result.heads, cache.reference, "cpu")
+    assert scores.shape == (40,) and np.isfinite(scores).all()
+
+
+def test_devnet_heads_train(cache):
+    result = train_ahl(cache, make_heads("devnet"), LEARN, seed=0, device="cpu")
+    assert result.history[-1]["test_auc_roc"] > 0.8
+
+
+def test_redraw_augmentation_uses_the_variants(cache):
+    variants = dict(cache.pseudo)
+    for family in FAMILIES:  # two variants per family, the second a slightly different draw
+        base = variants.pop(family)
+        variants[f"{family}@0"] = base
+        variants[f"{family}@1"] = dataclasses.replace(base, scales=[(x * 1.1).astype(np.float16) for x in base.scales])
+    multi = dataclasses.replace(cache, pseudo=variants)
+    redraw = dataclasses.replace(FAST, epochs=2, redraw_augmentation=True)
+    a = train_ahl(multi, make_heads(), redraw, seed=0, device="cpu")
+    b = train_ahl(multi, make_heads(), dataclasses.replace(FAST, epochs=2), seed=0, device="cpu")
+    assert {t.support_family for t in a.tasks} <= set(FAMILIES)
+    assert _strip(a.history) != _strip(b.history)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    config = AHLConfig.from_dict({"epochs": 2, "hadg": {"n_clusters": 4}})
+    assert config.epochs == 2 and config.hadg.n_clusters == 4
+    with pytest.raises(UserError, match="epoch"):
+        AHLConfig.from_dict({"epoch": 2})
+    with pytest.raises(UserError, match="weighting"):
+        AHLConfig.from_dict({"weighting": "lstm"})
