@@ -109,7 +109,7 @@ def _mvtec_source(category: str) -> Source:
         instructions=(
             "MVTec AD (CC BY-NC-SA 4.0) is offered at https://www.mvtec.com/company/research/datasets/mvtec-ad "
             f"after a licence form; download {category}.tar.xz, or the whole {MVTEC_FULL_ARCHIVE} and give it "
-            "as `local` (only this category is extracted)."
+            "as `data.local` (only this category is extracted)."
         ),
     )
 

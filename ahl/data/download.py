@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # 1 MiB
 USER_AGENT = "ahl-download/0.1 (python-urllib)"
-MIRROR_HINT = "set a mirror URL (the `mirror` parameter of the download stage)"
+MIRROR_HINT = "set a mirror URL (`data.mirror` in params.yaml, or `dvc exp run -S data.mirror=URL`)"
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 # Python >= 3.11.4 (and the 3.8-3.10 security releases) carry tarfile's extraction filters.
@@ -494,7 +494,7 @@ def obtain(
     if local is not None:
         local = Path(local).expanduser()
         if not local.exists():
-            raise UserError(f"`local` {local.resolve()} does not exist: give an existing archive or folder")
+            raise UserError(f"data.local = {local.resolve()} does not exist: give an existing archive or folder")
         if local.is_dir():
             _install(raw_dir, lambda tmp: _copy_tree(local, tmp), layout.marker)
             log.info("copied the folder %s into %s (%s)", local, raw_dir, source.key)
@@ -528,7 +528,7 @@ def obtain(
             where = f" from {source.url}" if source.url else ""
             raise UserError(
                 f"the raw data of {source.key} must be fetched by hand{where}: {source.instructions} "
-                f"Put it at {path.resolve()} and run again (or pass an archive or an extracted folder as `local`)."
+                f"Put it at {path.resolve()} and run again (or give an archive or an extracted folder as `data.local` in params.yaml)."
             )
         if path.is_dir():
             _install(raw_dir, lambda tmp: _copy_tree(path, tmp), layout.marker)
@@ -542,7 +542,7 @@ def obtain(
     if url and mirror and mirror.endswith("/"):
         url = mirror + _filename(source)
     if not url:
-        raise UserError(f"{source.key} has no download URL: set a mirror URL or pass the raw data as `local`")
+        raise UserError(f"{source.key} has no download URL: set `data.mirror` to a URL or `data.local` to the raw data")
     try:
         archive = fetch(url, path, sha256=source.sha256, progress=progress)
     except UserError as err:
