@@ -59,17 +59,21 @@ class Checkpoint:
     meta: dict  # model name, backbone config, topk, reference files, training history ...
 
 
+def _save(obj: dict, path: str | Path) -> None:
+    """torch.save through a file object: a path would put the (random) temporary file name into the archive,
+    and the same weights would not give the same bytes, so DVC would rerun every stage after this one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "format": 1,
-                "state_dict": ckpt.model.state_dict(),
-                "reference": [r.cpu() for r in ckpt.reference],
-                "meta": ckpt.meta,
-            },
-            tmp,
-        )
+    blob = {
+        "format": 1,
+        "state_dict": ckpt.model.state_dict(),
+        "reference": [r.cpu() for r in ckpt.reference],
+        "meta": ckpt.meta,
+    }
+    _save(blob, path)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
@@ -92,8 +96,7 @@ def backbone_meta(cfg: BackboneConfig) -> dict:
 # AHL's output: scoring heads only (they run on the base model's cached features).
 def save_heads(path: str | Path, heads: ScoringHeads, meta: dict) -> None:
     """Save trained heads with what is needed to rebuild them: model, in_channels, topk, members."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": 1, "state_dict": heads.state_dict(), "meta": meta}, tmp)
+    _save({"format": 1, "state_dict": heads.state_dict(), "meta": meta}, path)
 
 
 def load_heads(path: str | Path) -> tuple[ScoringHeads, dict]:

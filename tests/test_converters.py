@@ -423,10 +423,7 @@ def test_missing_sub_folder_names_it(name, remove, tmp_path):
 # ---------------------------------------------------------------------------------------------- real ELPV
 @pytest.mark.skipif(elpv_package_dir() is None, reason="elpv-dataset is not installed")
 def test_real_elpv_counts_match_the_papers(tmp_path):
-    start = time.perf_counter()
     conv.convert_elpv(elpv_package_dir(), tmp_path / "out")
-    seconds = time.perf_counter() - start
     lay = _layout(tmp_path / "out" / "elpv")
     counts = {k: len(v) for k, v in lay.items()}
     assert counts == {"train/good": 1131, "test/good": 377, "test/mono": 313, "test/poly": 402}  # 715 anomalies
-    assert seconds < 30, f"converting ELPV took {seconds:.1f} s"

@@ -107,6 +107,10 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1]["fpr"] == 1.0
     second = repo.dvc("repro")
     assert repo.ran(second.stdout) == set()
+    # Retraining with the same params and seed gives a byte-identical checkpoint, so nothing after it reruns.
+    forced = repo.dvc("repro", "-f", "-s", "train_base")
+    assert repo.ran(forced.stdout) == {"train_base"}
+    assert repo.ran(repo.dvc("repro").stdout) == set()
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline")
 
