@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -61,22 +61,6 @@ class AHLConfig:
     query_batches: int = 1  # query batches per task whose mean loss is L_query(phi_i)
     eval_batch_size: int = 64
     hadg: HADGConfig = field(default_factory=HADGConfig)
-
-    @classmethod
-    def from_dict(cls, params: dict) -> "AHLConfig":
-        """Build from params.yaml's ``ahl`` section; unknown keys are an error, not silently ignored."""
-        params = dict(params)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise UserError(f"params.yaml ahl: unknown key(s) {unknown}; known: {sorted(known)}")
-        hadg = params.pop("hadg", {}) or {}
-        hadg_known = {f.name for f in fields(HADGConfig)}
-        if set(hadg) - hadg_known:
-            raise UserError(f"params.yaml ahl.hadg: unknown key(s) {sorted(set(hadg) - hadg_known)}")
-        config = cls(**params, hadg=HADGConfig(**hadg))
-        config.validate()
-        return config
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,7 @@
 from common import ROOT, run, section
 
 from ahl.data.mvtec import validate_dataset
-from ahl.data.registry import get_dataset, get_source
+from ahl.data.registry import get_dataset
 from ahl.io import read_json
 
 SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"

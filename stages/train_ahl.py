@@ -5,6 +5,7 @@ from __future__ import annotations
 from common import ROOT, run, section
 
 from ahl.cdl import AHLConfig, train_ahl
+from ahl.config import from_params
 from ahl.features import load_cache
 from ahl.io import write_json
 from ahl.model import load_checkpoint, save_heads
@@ -14,7 +15,8 @@ CACHE, BASE, OUT, EPOCHS = "cache/features", "models/base.pt", "models/ahl.pt", 
 
 
 def main(params: dict) -> None:
-    config = AHLConfig.from_dict(section(params, "ahl"))
+    config = from_params(AHLConfig, section(params, "ahl"), "ahl")
+    config.validate()
     device = resolve_device(str(params.get("device", "auto")))
     cache = load_cache(ROOT / CACHE)
     base = load_checkpoint(ROOT / BASE, "cpu")

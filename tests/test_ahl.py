@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
+from ahl.config import from_params
 from ahl.cdl import AHLConfig, FeatureStore, adapt, forward, query_loss, score, train_ahl
 from ahl.errors import UserError
 from ahl.estimator import EstimatorConfig, GeneralisationEstimation, GeneralisationEstimator, QueryPool, rewards
@@ -388,10 +389,16 @@ def test_redraw_augmentation_uses_the_variants(cache):
     assert _strip(a.history) != _strip(b.history)
 
 
-def test_config_from_dict_rejects_unknown_keys():
-    config = AHLConfig.from_dict({"epochs": 2, "hadg": {"n_clusters": 4}})
+def _from_params(section: dict) -> AHLConfig:
+    config = from_params(AHLConfig, section, "ahl")
+    config.validate()
+    return config
+
+
+def test_config_from_params_rejects_unknown_keys():
+    config = _from_params({"epochs": 2, "hadg": {"n_clusters": 4}})
     assert config.epochs == 2 and config.hadg.n_clusters == 4
     with pytest.raises(UserError, match="epoch"):
-        AHLConfig.from_dict({"epoch": 2})
+        _from_params({"epoch": 2})
     with pytest.raises(UserError, match="weighting"):
-        AHLConfig.from_dict({"weighting": "lstm"})
+        _from_params({"weighting": "lstm"})
