@@ -58,6 +58,9 @@ class AHLConfig:
     weighting: str = "psi"  # "psi" | "uniform"
     cdl: bool = True  # False: ablation "independent heads averaged" (T heads trained on their own support sets)
     redraw_augmentation: bool = False  # draw one variant ("family@k") of every family per epoch
+    # DRA heads only: the official code's composite-head geometry (conv stride 3, no padding), for like-for-like
+    # comparisons with it; the weights have the same shapes, so the base model's heads still initialise it.
+    official_geometry: bool = False
     query_batches: int = 1  # query batches per task whose mean loss is L_query(phi_i)
     eval_batch_size: int = 64
     hadg: HADGConfig = field(default_factory=HADGConfig)

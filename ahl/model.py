@@ -107,7 +107,9 @@ def load_heads(path: str | Path) -> tuple[ScoringHeads, dict]:
     meta = blob["meta"]
 
     def one() -> ScoringHeads:
-        return build_heads(meta["model"], meta["in_channels"], topk=meta["topk"])
+        return build_heads(
+            meta["model"], meta["in_channels"], topk=meta["topk"], official_geometry=meta.get("official_geometry", False)
+        )
 
     if meta.get("members"):
         from ahl.cdl import HeadsEnsemble

@@ -127,3 +127,17 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
         assert torch.allclose(loaded.model(x, loaded.reference), a.model.eval()(x, a.reference))
     with pytest.raises(UserError, match="missing checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):
+    from ahl.model import load_heads, save_heads
+
+    heads = DRAHeads(8, official_geometry=True)
+    meta = {"model": "dra", "in_channels": 8, "topk": 0.1, "members": 0, "official_geometry": True}
+    save_heads(tmp_path / "h.pt", heads, meta)
+    loaded, _ = load_heads(tmp_path / "h.pt")
+    assert loaded.composite_head.conv[0].stride == (3, 3) and loaded.composite_head.conv[0].padding == (0, 0)
+    feats = [torch.randn(2, 8, 9, 9)]
+    reference = [torch.randn(8, 9, 9)]
+    with torch.no_grad():
+        assert torch.allclose(loaded(feats, reference), heads.eval()(feats, reference))
