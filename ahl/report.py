@@ -7,7 +7,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
-GROUP_BY = ("classname", "protocol.n_anomalies", "protocol.known_class", "base.model")
+# A row = one combination of these params (and the model); seeds are what is averaged. The AHL switches are
+# part of the group so that the ablation's variants never mix with the full method.
+GROUP_BY = (
+    "classname", "protocol.n_anomalies", "protocol.known_class", "backbone.name", "backbone.image_size",
+    "base.model", "ahl.hadg.random_clusters", "ahl.weighting", "ahl.cdl",
+)
 
 
 def lookup(tree: dict, dotted: str) -> Any:

@@ -29,7 +29,7 @@ def test_aggregate_mean_std_over_seeds():
     ]
     runs = runs_from_exp_show(data)
     assert sorted(r[0] for r in runs) == ["exp-a", "exp-b", "main"]
-    rows = aggregate(runs)
+    rows = aggregate(runs, group_by=("classname", "protocol.n_anomalies", "protocol.known_class", "base.model"))
     dra = next(r for r in rows if r["model"] == "dra")
     assert dra["seeds"] == [0, 1]
     assert dra["auc_roc"] == pytest.approx((0.85, 0.05, 2))
