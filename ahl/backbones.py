@@ -39,6 +39,11 @@ class Backbone(nn.Module):
         return out[-1] if isinstance(out, (list, tuple)) else out
 
 
+def to_input(images, device: torch.device | str) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) as numpy -> the backbone's input: float (B, 3, H, W) in [0, 1] on ``device``."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def multiscale(backbone: nn.Module, images: torch.Tensor, n_scales: int) -> list[torch.Tensor]:
     """Features of the image at full size and at 1/2, 1/4 ... (the papers use 2 scales: 448 and 224)."""
     feats = []

@@ -14,12 +14,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ahl.errors import UserError
+from ahl.evaluate import auc_roc_pr
 from ahl.estimator import WEIGHTINGS, EstimatorConfig, GeneralisationEstimation, QueryPool
 from ahl.features import FeatureCache, FeatureSet
 from ahl.hadg import BatchIndex, HADGConfig, Task, cluster_normals, draw_batch, family_variants, make_tasks
@@ -253,13 +253,6 @@ def score(
     return _final_scores(heads, params, buffers, chunks(), ref)
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
-    y = (np.asarray(labels) != 0).astype(int)
-    if y.min() == y.max() or not np.isfinite(scores).all():
-        return None, None
-    return float(roc_auc_score(y, scores)), float(average_precision_score(y, scores))
-
-
 def _reinitialise(heads: ScoringHeads, seed: int) -> None:
     """Fresh default initialisation of every layer, from ``seed`` and without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -367,7 +360,8 @@ class _Trainer:
             scheduler.step()
 
         test_scores = score(self.cache.test, self.scored, self.cache.reference, self.device, c.eval_batch_size)
-        auc_roc, auc_pr = _auc(self.cache.test.labels, test_scores)
+        auc = auc_roc_pr(self.cache.test.labels, test_scores) if np.isfinite(test_scores).all() else None
+        auc_roc, auc_pr = (auc["auc_roc"], auc["auc_pr"]) if auc else (None, None)
         entry.update(
             epoch=self.epoch_index + 1,  # 1-based, like the base trainer's history
             test_auc_roc=auc_roc,

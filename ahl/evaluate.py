@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from ahl.backbones import to_input
 from ahl.model import AnomalyModel
 
 
@@ -23,13 +24,15 @@ def score_images(
     model.eval()
     heads = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        x = to_input(images[start : start + batch_size], device)
         heads.append(model(x, reference).float().cpu())
     per_head = torch.cat(heads)
     return model.heads.final_score(per_head).numpy(), per_head.numpy()
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:
+def auc_roc_pr(labels: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:
+    """Image AUC-ROC and AUC-PR (any non-zero label is anomalous); None when only one class is present."""
+    labels = (np.asarray(labels) != 0).astype(int)
     if labels.min() == labels.max():
         return None
     return {
@@ -47,10 +50,10 @@ def compute_metrics(
     if not np.isfinite(scores).all():
         raise ValueError("non-finite anomaly scores: training diverged")
     normal = labels == 0
-    out: dict = dict(_auc(labels, scores) or {})
+    out: dict = dict(auc_roc_pr(labels, scores) or {})
     for name, part in (("seen", seen), ("unseen", ~seen)):
         keep = normal | ((labels == 1) & part)
-        res = _auc(labels[keep], scores[keep])
+        res = auc_roc_pr(labels[keep], scores[keep])
         # No unseen classes (e.g. M covers every class) -> the entry is absent rather than a fake number.
         if res:
             out[f"{name}_auc_roc"] = res["auc_roc"]

@@ -134,6 +134,7 @@ def write_cache(
     from tqdm.auto import tqdm
 
     from ahl.augment import PseudoAnomalyMaker, anomaly_sources
+    from ahl.backbones import to_input
     from ahl.io import atomic_dir, write_json
 
     model.eval()
@@ -153,7 +154,7 @@ def write_cache(
             arrays = None
             bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
             for start, batch in image_batches(images_of, n):
-                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255.0
+                x = to_input(batch, device)
                 feats = model.features(x)
                 if arrays is None:
                     arrays = [

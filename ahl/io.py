@@ -22,6 +22,16 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Hard-link ``src`` to ``dst`` (instant, no extra disk), copying when links are impossible (another
+    filesystem). Returns ``dst``, so it also serves as ``shutil.copytree``'s ``copy_function``."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
 def remove(path: Path) -> None:
     """Remove a file, a link or a directory tree if it exists."""
     path = Path(path)

@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from ahl.backbones import to_input
 from ahl.config import one_of, positive
 from ahl.heads import NORMAL, PSEUDO, SEEN
 from ahl.model import MODELS, AnomalyModel, BackboneConfig, Checkpoint, build_model
@@ -45,11 +46,6 @@ class BaseConfig:
             positive(f"base.{name}", getattr(self, name))
         if self.batch_size < 4:
             positive("base.batch_size - 3", self.batch_size - 3)
-
-
-def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def _rotate(images: np.ndarray, max_degrees: float, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +113,7 @@ def train_step(
 def reference_features(model: AnomalyModel, images: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     """Mean eval-mode feature of the reference normals at every scale: per scale (C, H_s, W_s)."""
     model.eval()
-    return [f.mean(dim=0) for f in model.features(_to_float(images, device))]
+    return [f.mean(dim=0) for f in model.features(to_input(images, device))]
 
 
 def train_base(
@@ -147,9 +143,9 @@ def train_base(
             images, labels, ref = sampler()
             loss = train_step(
                 model,
-                _to_float(images, device),
+                to_input(images, device),
                 torch.from_numpy(labels).to(device),
-                None if ref is None else _to_float(ref, device),
+                None if ref is None else to_input(ref, device),
                 config.margin,
             )
             optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ahl.errors import UserError
-from ahl.io import atomic_dir
+from ahl.io import atomic_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +162,6 @@ def _check_png(path: Path) -> None:
         raise _unreadable(path, err) from err
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copy2(src, dst)
-
-
 def _save_png(img: Image.Image, dst: Path) -> None:
     if img.mode not in {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}:
         img = img.convert("RGB")  # e.g. CMYK JPEGs: PNG cannot store them
@@ -197,7 +189,7 @@ def _place(src: Path, folder: Path, stem: str | None = None) -> Path:
     dst = _free_name(folder, stem or src.stem)
     if src.suffix.lower() == ".png":
         _check_png(src)
-        _link_or_copy(src, dst)
+        link_or_copy(src, dst)
     else:
         _save_png(_read_image(src), dst)
     return dst
@@ -323,7 +315,7 @@ def convert_mvtec(raw: Path, out: Path, *, seed: int = 42) -> None:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if src.suffix.lower() == ".png":
                     _check_png(src)
-                _link_or_copy(src, dst)
+                link_or_copy(src, dst)
             _log_counts(tmp / category.name)
 
 

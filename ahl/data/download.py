@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ahl.data import registry
 from ahl.errors import UserError
-from ahl.io import atomic_dir
+from ahl.io import atomic_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -372,17 +372,8 @@ def _check_tree_links(archive: Path, root: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ obtain
-def _link_or_copy(src: str, dst: str) -> str:
-    # Hard links make a copy of a 2,624-image package folder instant; across filesystems, copy.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
 def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=_link_or_copy)
+    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=link_or_copy)
 
 
 def _reroot(tmp: Path, marker: str | None) -> None:
@@ -415,7 +406,7 @@ def _unpack(path: Path, raw_dir: Path, *, members_under: str | None, marker: str
         _install(raw_dir, lambda tmp: safe_extract(path, tmp, members_under=members_under, progress=progress), marker)
         log.info("extracted %s into %s", path, raw_dir)
     else:
-        _install(raw_dir, lambda tmp: _link_or_copy(str(path), str(tmp / path.name)), None)
+        _install(raw_dir, lambda tmp: link_or_copy(str(path), str(tmp / path.name)), None)
         log.info("copied %s into %s", path, raw_dir)
 
 

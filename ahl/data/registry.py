@@ -112,4 +112,5 @@ def dataset_dir(root: Path, classname: str) -> Path:
 
 def source_of(selection: Selection) -> Source | None:
     """The registered source of a resolved classname (None for built datasets such as the embedded demo)."""
-    return get_source(get_dataset(selection.dataset), selection.source) if get_dataset(selection.dataset).sources else None
+    dataset = get_dataset(selection.dataset)
+    return get_source(dataset, selection.source) if dataset.sources else None
