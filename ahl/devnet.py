@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
-from ahl.heads import NORMAL, PatchHead, ScoringHeads
+from ahl.heads import NORMAL, ModelSpec, PatchHead, ScoringHeads, register_model
 
 
 class DevNetHeads(ScoringHeads):
     head_names = ("seen",)
 
-    def __init__(self, in_channels: int, topk: float = 0.1):
-        super().__init__()
+    def __init__(self, in_channels: int, *, topk: float, margin: float, official_geometry: bool = False):
+        super().__init__(topk, margin)  # official_geometry concerns DRA's composite head only
         self.seen_head = PatchHead(in_channels, topk)
 
     def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
@@ -23,3 +25,7 @@ class DevNetHeads(ScoringHeads):
 
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         return scores[:, 0]
+
+
+# Base batches: half normals, half seen anomalies.
+SPEC = register_model(ModelSpec("devnet", DevNetHeads, anomaly_share=Fraction(1, 2), pseudo_anomalies=False, uses_reference=False))

@@ -6,10 +6,12 @@ holistic (learns normality, enters the score negated), seen anomalies, pseudo an
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 
-from ahl.heads import NORMAL, PSEUDO, SEEN, PatchHead, ScoringHeads, topk_mean
+from ahl.heads import NORMAL, PSEUDO, SEEN, ModelSpec, PatchHead, ScoringHeads, register_model, topk_mean
 
 
 class HolisticHead(nn.Module):
@@ -52,8 +54,10 @@ class DRAHeads(ScoringHeads):
     head_names = ("holistic", "seen", "pseudo", "composite")
     uses_reference = True
 
-    def __init__(self, in_channels: int, topk: float = 0.1, hidden: int = 256, official_geometry: bool = False):
-        super().__init__()
+    def __init__(
+        self, in_channels: int, *, topk: float, margin: float, official_geometry: bool = False, hidden: int = 256
+    ):
+        super().__init__(topk, margin)
         self.holistic_head = HolisticHead(in_channels, hidden)
         self.seen_head = PatchHead(in_channels, topk)
         self.pseudo_head = PatchHead(in_channels, topk)
@@ -86,4 +90,7 @@ class DRAHeads(ScoringHeads):
         return -holistic + seen + pseudo + composite
 
 
-__all__ = ["CompositeHead", "DRAHeads", "HolisticHead", "topk_mean"]
+# Base batches: 2/3 normal slots (half of them become CutPaste pseudo anomalies) and 1/3 seen anomalies.
+SPEC = register_model(ModelSpec("dra", DRAHeads, anomaly_share=Fraction(1, 3), pseudo_anomalies=True, uses_reference=True))
+
+__all__ = ["CompositeHead", "DRAHeads", "HolisticHead", "SPEC", "topk_mean"]

@@ -60,11 +60,6 @@ def weights_from_rewards(r: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def task_weights(predicted: np.ndarray, labels: np.ndarray, cost: np.ndarray, include: np.ndarray) -> np.ndarray:
-    """w = softmax(-r) with r from ``rewards``: (T,), sums to 1."""
-    return weights_from_rewards(rewards(predicted, labels, cost, include))
-
-
 @dataclass
 class QueryPool:
     """The fixed set of query samples psi tracks, the same in every epoch so that the score histories line up.
@@ -135,7 +130,7 @@ class EstimatorConfig:
     steps: int = 10  # Adam steps on psi after each epoch (full batch over every window of the history)
     weighting: str = "psi"  # "psi" | "uniform" (ablation: w = 1/T throughout)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"ahl.weighting = {self.weighting!r}: expected one of {WEIGHTINGS}")
         if self.history < 1 or self.steps < 0:
@@ -152,7 +147,6 @@ class GeneralisationEstimation:
     """
 
     def __init__(self, n_tasks: int, config: EstimatorConfig, seed: int, device: torch.device | str = "cpu"):
-        config.validate()
         self.n_tasks, self.config, self.device = n_tasks, config, torch.device(device)
         with torch.random.fork_rng(devices=[]):  # psi's init must not touch (or depend on) the global RNG
             torch.manual_seed(seed)
@@ -160,7 +154,6 @@ class GeneralisationEstimation:
         self.optimizer = torch.optim.Adam(self.psi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scores: list[np.ndarray] = []  # one (P, T) matrix per epoch
         self.trained = False
-        self.last_loss: float | None = None
 
     def push(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float32)
@@ -185,8 +178,7 @@ class GeneralisationEstimation:
             loss.backward()
             self.optimizer.step()
         self.trained = True
-        self.last_loss = float(loss.detach())
-        return self.last_loss
+        return float(loss.detach())
 
     @torch.no_grad()
     def predict(self) -> np.ndarray:
@@ -217,6 +209,5 @@ __all__ = [
     "QueryPool",
     "WEIGHTINGS",
     "rewards",
-    "task_weights",
     "weights_from_rewards",
 ]

@@ -7,14 +7,21 @@ Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from ahl.augment import cutmix, cutpaste
+from ahl.backbones import to_input
+from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
-from ahl.io import read_json
+from ahl.io import atomic_dir, read_json, write_json
 
 INDEX = "index.json"
+FAMILIES = ("draem", "cutpaste", "cutmix")  # AHL's pseudo-anomaly families
 
 
 @dataclass
@@ -28,15 +35,6 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> "FeatureSet":
-        index = np.asarray(index, dtype=np.int64)
-        return FeatureSet(
-            scales=[np.asarray(x[index]) for x in self.scales],
-            labels=self.labels[index],
-            classes=[self.classes[i] for i in index],
-            files=[self.files[i] for i in index],
-        )
 
 
 @dataclass
@@ -90,6 +88,39 @@ def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
 
 # --------------------------------------------------------------------------------------------------------
 # Writing the cache
+@dataclass
+class PseudoAnomalyMaker:
+    """Makes pseudo anomalies of the normal training images in each of the AHL families."""
+
+    normals: Sequence[np.ndarray]  # N images (H, W, 3) uint8, or an (N, H, W, 3) array
+    sources: Sequence[np.ndarray] | None = None  # DRAEM texture pool; None -> anomaly_sources(None)
+
+    def __post_init__(self) -> None:
+        if self.sources is None:
+            self.sources = anomaly_sources(None)
+
+    def make(self, family: str, index: int, rng: np.random.Generator) -> np.ndarray:
+        """Pseudo anomaly of normal ``index`` in ``family`` (one of FAMILIES), as (H, W, 3) uint8."""
+        n = len(self.normals)
+        if not 0 <= index < n:
+            raise IndexError(f"normal index {index} out of range for {n} normal images")
+        image = np.asarray(self.normals[index])
+        if family == "cutpaste":
+            return cutpaste(image, rng)
+        if family == "cutmix":
+            if n < 2:
+                raise UserError("the cutmix pseudo anomalies need at least 2 normal training images, got 1")
+            other = int(rng.integers(n - 1))
+            other += other >= index  # uniform over the normals other than `index`
+            return cutmix(image, np.asarray(self.normals[other]), rng)
+        if family == "draem":
+            assert self.sources is not None  # set in __post_init__
+            if len(self.sources) == 0:
+                raise UserError("the draem pseudo anomalies need at least one anomaly-source image, got none")
+            return draem(image, self.sources[int(rng.integers(len(self.sources)))], rng)
+        raise UserError(f"unknown pseudo-anomaly family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     families: tuple[str, ...] = ("draem", "cutpaste", "cutmix")  # pseudo-anomaly families to build
@@ -99,13 +130,13 @@ class CacheConfig:
     variants: int = 1  # independent draws of every family ("family@k"), for ahl.redraw_augmentation
 
     def __post_init__(self) -> None:
-        from ahl.augment import FAMILIES
-
         for family in self.families:
             if family not in FAMILIES:
                 raise UserError(f"params.yaml: features.families: unknown family {family!r}; known: {FAMILIES}")
         if len(set(self.families)) < 2:
             raise UserError("params.yaml: features.families needs at least 2 families (support and query differ)")
+        if self.batch_size < 1:
+            raise UserError(f"params.yaml: features.batch_size must be >= 1, got {self.batch_size}")
         if self.variants < 1:
             raise UserError(f"params.yaml: features.variants must be >= 1, got {self.variants}")
         if self.dtype not in ("float16", "float32"):
@@ -130,13 +161,6 @@ def write_cache(
     scoring. Pseudo anomalies are made with one seeded generator per family, so each family is reproducible
     on its own.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from ahl.augment import PseudoAnomalyMaker, anomaly_sources
-    from ahl.backbones import to_input
-    from ahl.io import atomic_dir, write_json
-
     model.eval()
     normals = splits["train_normal"][0]
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []

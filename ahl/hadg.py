@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans
 
 from ahl.errors import UserError
-from ahl.features import FeatureCache, FeatureSet
 from ahl.heads import NORMAL, PSEUDO, SEEN
 
 # A pseudo-anomaly split named "<family>@<k>" in the cache is variant k of <family> (the same generator re-drawn);
@@ -21,13 +19,13 @@ from ahl.heads import NORMAL, PSEUDO, SEEN
 VARIANT_SEP = "@"
 
 
-@dataclass
+@dataclass(frozen=True)
 class HADGConfig:
     n_clusters: int = 3  # C of k-means on the normal training features
     min_cluster_size: int = 3  # clusters with fewer members (the paper: <= 2) are dropped
     random_clusters: bool = False  # ablation: random splits of the normals, of the k-means cluster sizes
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.n_clusters < 2:
             raise UserError(f"ahl.hadg.n_clusters = {self.n_clusters}: AHL needs at least 2 clusters (paper: 3)")
         if self.min_cluster_size < 1:
@@ -69,7 +67,6 @@ def cluster_normals(train_normal_features: np.ndarray, config: HADGConfig, seed:
 
     The official code kept the first n files of the list for a cluster of n members; we keep the members.
     """
-    config.validate()
     x = np.asarray(train_normal_features, dtype=np.float64)
     if len(x) < config.n_clusters:
         raise UserError(
@@ -201,40 +198,6 @@ def draw_batch(
     )
 
 
-def gather_numpy(cache: FeatureCache, batch: BatchIndex) -> list[np.ndarray]:
-    """Features of a batch at every scale, float32 (B, C, H_s, W_s), in the order normals, seen, pseudo."""
-
-    def rows(fs: FeatureSet, idx: np.ndarray, s: int) -> np.ndarray:
-        order = np.argsort(idx, kind="stable")  # memory maps read faster in increasing order
-        out = np.empty((len(idx),) + fs.scales[s].shape[1:], dtype=np.float32)
-        out[order] = fs.scales[s][idx[order]]
-        return out
-
-    parts = []
-    for s in range(cache.n_scales):
-        chunk = [rows(cache.train_normal, batch.normals, s)]
-        if len(batch.anomalies):
-            chunk.append(rows(cache.train_anomaly, batch.anomalies, s))
-        if len(batch.pseudo):
-            chunk.append(rows(cache.pseudo[batch.family], batch.pseudo, s))
-        parts.append(np.concatenate(chunk, axis=0))
-    return parts
-
-
-def sample_batch(
-    cache: FeatureCache,
-    normals_idx: np.ndarray,
-    anomalies_idx: np.ndarray,
-    family: str | None,
-    batch_size: int,
-    rng: np.random.Generator,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A batch of a task's support or query set: (features per scale, float32 (B, C, H_s, W_s); labels (B,))."""
-    batch = draw_batch(normals_idx, anomalies_idx, family, batch_size, rng)
-    features = [torch.from_numpy(x) for x in gather_numpy(cache, batch)]
-    return features, torch.from_numpy(batch.labels)
-
-
 __all__ = [
     "BatchIndex",
     "HADGConfig",
@@ -242,8 +205,6 @@ __all__ = [
     "cluster_normals",
     "draw_batch",
     "family_variants",
-    "gather_numpy",
     "make_tasks",
     "pool_features",
-    "sample_batch",
 ]

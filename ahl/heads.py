@@ -1,16 +1,21 @@
-"""What DevNet's and DRA's scoring heads share: top-k pooling, the patch head, and the heads interface.
+"""What DevNet's and DRA's scoring heads share: top-k pooling, the patch head, the heads interface, the ensemble
+of the "no CDL" ablation, and the model registry (a name -> its heads and how its base batches are made).
 
 A set of heads maps the backbone's feature maps at every scale to one score per head and image; AHL trains
-exactly these modules (on cached features), so the interface is the same for base training and for AHL.
+exactly these modules (on cached features), so the interface is the same for base training and for AHL. The
+heads carry their top-k rate and deviation-loss margin, so AHL trains with the base model's values.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ahl.errors import UserError
 from ahl.losses import deviation_loss
 
 # Labels used everywhere: 0 = normal, 1 = seen (labelled) anomaly, 2 = pseudo anomaly.
@@ -42,6 +47,11 @@ class ScoringHeads(nn.Module):
     head_names: tuple[str, ...] = ()
     uses_reference: bool = False
 
+    def __init__(self, topk: float, margin: float):
+        super().__init__()
+        self.topk = topk  # fraction of positions the patch heads average
+        self.margin = margin  # a of the deviation loss
+
     def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Scores of every head at one scale: features (B, C, H, W) -> (B, n_heads)."""
         raise NotImplementedError
@@ -59,12 +69,12 @@ class ScoringHeads(nn.Module):
         """For each head: (mask of the samples it trains on, its binary target). labels: (B,) in {0, 1, 2}."""
         raise NotImplementedError
 
-    def loss(self, scores: torch.Tensor, labels: torch.Tensor, margin: float = 5.0) -> torch.Tensor:
-        """Sum over heads of the deviation loss on the samples each head trains on."""
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over heads of the deviation loss (margin ``self.margin``) on the samples each head trains on."""
         total = scores.new_zeros(())
         for h, (mask, target) in enumerate(self.targets(labels)):
             if mask.any():
-                total = total + deviation_loss(scores[mask, h], target[mask], margin)
+                total = total + deviation_loss(scores[mask, h], target[mask], self.margin)
         return total
 
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
@@ -72,15 +82,57 @@ class ScoringHeads(nn.Module):
         raise NotImplementedError
 
 
-def build_heads(
-    model: str, in_channels: int, topk: float = 0.1, hidden: int = 256, official_geometry: bool = False
-) -> ScoringHeads:
-    """Heads of ``model`` ("dra" or "devnet") for a backbone with ``in_channels`` output channels."""
-    from ahl.devnet import DevNetHeads
-    from ahl.dra import DRAHeads
+class HeadsEnsemble(ScoringHeads):
+    """Ablation "independent heads averaged": T copies of the heads; the final score is the mean of theirs."""
 
-    if model == "dra":
-        return DRAHeads(in_channels, topk=topk, hidden=hidden, official_geometry=official_geometry)
-    if model == "devnet":
-        return DevNetHeads(in_channels, topk=topk)
-    raise ValueError(f"unknown model {model!r}: expected 'dra' or 'devnet'")
+    def __init__(self, members: Sequence[ScoringHeads]):
+        super().__init__(members[0].topk, members[0].margin)
+        self.members = nn.ModuleList(members)
+        names = members[0].head_names
+        self.head_names = tuple(f"{name}.{k}" for k in range(len(members)) for name in names)
+        self.uses_reference = members[0].uses_reference
+
+    def forward(self, features, reference=None) -> torch.Tensor:  # -> (B, T * n_heads)
+        return torch.cat([m(features, reference) for m in self.members], dim=1)
+
+    def final_score(self, scores: torch.Tensor) -> torch.Tensor:
+        per_member = scores.view(scores.shape[0], len(self.members), -1)  # (B, T, n_heads)
+        return torch.stack([m.final_score(per_member[:, k]) for k, m in enumerate(self.members)], 1).mean(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model registry: ahl/dra.py and ahl/devnet.py register themselves; ahl/model.py imports both.
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the pipeline knows about a base model besides its heads' code.
+
+    heads: (in_channels, *, topk, margin, official_geometry) -> the model's ScoringHeads.
+    anomaly_share: fraction of a base-training batch filled with seen anomalies (the rest are normal slots).
+    pseudo_anomalies: base training turns each normal slot into a CutPaste pseudo anomaly with probability
+        base.pseudo_prob (DRA's pseudo head needs them).
+    uses_reference: the heads compare each image with the mean feature of base.n_ref reference normals.
+    """
+
+    name: str
+    heads: Callable[..., ScoringHeads]
+    anomaly_share: Fraction
+    pseudo_anomalies: bool
+    uses_reference: bool
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_model(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise UserError(f"params.yaml: base.model = {name!r} is not a model; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name]

@@ -1,21 +1,26 @@
-"""A base model = backbone + scoring heads (DRA's four or DevNet's one) at several scales; its checkpoint."""
+"""A base model = backbone + scoring heads (DRA's four or DevNet's one) at several scales; checkpoints of it and of
+AHL's heads. Importing this module registers the built-in models (ahl.dra, ahl.devnet) in ``ahl.heads.MODELS``.
+
+Checkpoints hold tensors and plain data only and are loaded with ``torch.load(weights_only=True)``: a checkpoint
+can arrive from a shared DVC cache or remote, and a pickled object in it must never run code.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ahl import devnet, dra  # noqa: F401  (register the built-in models)
 from ahl.backbones import build_backbone, multiscale
-from ahl.config import one_of, positive
+from ahl.config import positive
 from ahl.errors import UserError
-from ahl.heads import ScoringHeads, build_heads
+from ahl.heads import HeadsEnsemble, ScoringHeads, get_model
 from ahl.io import atomic_path
-
-MODELS = ("dra", "devnet")
 
 
 @dataclass(frozen=True)
@@ -46,17 +51,24 @@ class AnomalyModel(nn.Module):
         return self.heads(self.features(images), reference)  # (B, n_heads)
 
 
-def build_model(model: str, backbone: BackboneConfig, topk: float = 0.1, warn: bool = True) -> AnomalyModel:
-    one_of("base.model", model, MODELS)
+def build_heads(
+    model: str, in_channels: int, *, topk: float, margin: float, official_geometry: bool = False
+) -> ScoringHeads:
+    """The heads of the registered ``model`` for a backbone with ``in_channels`` output channels."""
+    return get_model(model).heads(in_channels, topk=topk, margin=margin, official_geometry=official_geometry)
+
+
+def build_model(model: str, backbone: BackboneConfig, *, topk: float, margin: float, warn: bool = True) -> AnomalyModel:
+    get_model(model)  # an unknown name fails before the backbone is built
     net = build_backbone(backbone.name, backbone.pretrained, warn=warn)
-    return AnomalyModel(net, build_heads(model, net.out_channels, topk=topk), backbone.n_scales)
+    return AnomalyModel(net, build_heads(model, net.out_channels, topk=topk, margin=margin), backbone.n_scales)
 
 
 @dataclass
 class Checkpoint:
     model: AnomalyModel
     reference: list[torch.Tensor]  # per scale (C, H_s, W_s): mean feature of the reference normals (eval mode)
-    meta: dict  # model name, backbone config, topk, reference files, training history ...
+    meta: dict  # model name, backbone config, topk, margin, reference files, training history ...
 
 
 def _save(obj: dict, path: str | Path) -> None:
@@ -76,44 +88,55 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     _save(blob, path)
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
-    path = Path(path)
+def _load(path: Path, stage: str) -> dict:
+    """A checkpoint's contents, unpickled safely (tensors and plain data only); clear errors otherwise."""
     if not path.is_file():
-        raise UserError(f"missing checkpoint {path}; run the base training stage first (dvc repro train_base)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+        raise UserError(f"missing checkpoint {path}; run the {stage} stage first (dvc repro {stage})")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the refused global ("... unsupported GLOBAL posix.system ..."); junk bytes say otherwise
+        found = [line.strip() for line in str(exc).splitlines() if "unsupported global" in line.lower()]
+        if found:
+            raise UserError(
+                f"{path} holds something other than tensors and plain data ({found[0]}) and is not loaded (it "
+                f"could run code); rebuild it with `dvc repro -f {stage}`"
+            ) from None
+        raise UserError(f"{path} is not a readable checkpoint; rebuild it with `dvc repro -f {stage}`") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"{path} is not a readable checkpoint ({exc}); rebuild it with `dvc repro -f {stage}`") from None
+    if not isinstance(blob, dict) or blob.get("format") != 1 or not {"state_dict", "meta"} <= set(blob):
+        raise UserError(f"{path} is not a checkpoint of this project; rebuild it with `dvc repro -f {stage}`")
+    return blob
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
+    blob = _load(Path(path), "train_base")
     meta = blob["meta"]
     cfg = BackboneConfig(**{**meta["backbone"], "pretrained": "none"})  # weights come from the checkpoint
-    model = build_model(meta["model"], cfg, topk=meta["topk"], warn=False)
+    model = build_model(meta["model"], cfg, topk=meta["topk"], margin=meta["margin"], warn=False)
     model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     return Checkpoint(model, [r.to(device) for r in blob["reference"]], meta)
 
 
-def backbone_meta(cfg: BackboneConfig) -> dict:
-    return asdict(cfg)
-
-
 # AHL's output: scoring heads only (they run on the base model's cached features).
 def save_heads(path: str | Path, heads: ScoringHeads, meta: dict) -> None:
-    """Save trained heads with what is needed to rebuild them: model, in_channels, topk, members."""
+    """Save trained heads with what is needed to rebuild them: model, in_channels, topk, margin, members."""
     _save({"format": 1, "state_dict": heads.state_dict(), "meta": meta}, path)
 
 
 def load_heads(path: str | Path) -> tuple[ScoringHeads, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing {path}; run the AHL stage first (dvc repro train_ahl)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = _load(Path(path), "train_ahl")
     meta = blob["meta"]
 
     def one() -> ScoringHeads:
         return build_heads(
-            meta["model"], meta["in_channels"], topk=meta["topk"], official_geometry=meta.get("official_geometry", False)
+            meta["model"], meta["in_channels"], topk=meta["topk"], margin=meta["margin"],
+            official_geometry=meta["official_geometry"],
         )
 
-    if meta.get("members"):
-        from ahl.cdl import HeadsEnsemble
-
+    if meta["members"]:
         heads: ScoringHeads = HeadsEnsemble([one() for _ in range(meta["members"])])
     else:
         heads = one()

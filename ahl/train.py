@@ -1,8 +1,9 @@
 """Base-model training (DRA or DevNet): the whole backbone is fine-tuned with the heads' deviation losses.
 
-Batches are balanced: DRA uses 2/3 normal slots (each turned into a same-image CutPaste pseudo anomaly with
-probability ``pseudo_prob``) and 1/3 seen anomalies, plus ``n_ref`` reference normals whose mean feature feeds
-the composite head; DevNet uses half normals, half seen anomalies. Random rotation augments every image.
+Batches are balanced as the model's spec says (ahl.heads.ModelSpec): DRA uses 2/3 normal slots (each turned into
+a same-image CutPaste pseudo anomaly with probability ``pseudo_prob``) and 1/3 seen anomalies, plus ``n_ref``
+reference normals whose mean feature feeds the composite head; DevNet uses half normals, half seen anomalies.
+Random rotation augments every image.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from ahl.augment import cutpaste
 from ahl.backbones import to_input
-from ahl.config import one_of, positive
-from ahl.heads import NORMAL, PSEUDO, SEEN
-from ahl.model import MODELS, AnomalyModel, BackboneConfig, Checkpoint, build_model
+from ahl.config import positive
+from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
+from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class BaseConfig:
     rotation: float = 180.0  # random rotation in [-rotation, rotation] degrees
 
     def __post_init__(self) -> None:
-        one_of("base.model", self.model, MODELS)
+        get_model(self.model)
         for name in ("epochs", "steps_per_epoch", "batch_size", "lr", "n_ref", "topk"):
             positive(f"base.{name}", getattr(self, name))
         if self.batch_size < 4:
@@ -68,17 +70,13 @@ class BatchSampler:
     def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images (B, H, W, 3) uint8, labels (B,), reference images (n_ref, H, W, 3) or None)."""
         cfg, rng = self.config, self.rng
-        if cfg.model == "dra":
-            n_anom = cfg.batch_size // 3
-        else:
-            n_anom = cfg.batch_size // 2
+        spec = get_model(cfg.model)
+        n_anom = int(cfg.batch_size * spec.anomaly_share)
         n_norm = cfg.batch_size - n_anom
         normal_idx = rng.integers(0, len(self.normals), n_norm)
         images = [self.normals[i] for i in normal_idx]
         labels = [NORMAL] * n_norm
-        if cfg.model == "dra":
-            from ahl.augment import cutpaste
-
+        if spec.pseudo_anomalies:
             for j in range(n_norm):
                 if rng.random() < cfg.pseudo_prob:
                     images[j] = cutpaste(images[j], rng)
@@ -88,7 +86,7 @@ class BatchSampler:
         labels += [SEEN] * n_anom
         batch = _rotate(np.stack(images), cfg.rotation, rng)
         reference = None
-        if cfg.model == "dra":
+        if spec.uses_reference:
             reference = _rotate(self.normals[rng.integers(0, len(self.normals), cfg.n_ref)], cfg.rotation, rng)
         return batch, np.asarray(labels, dtype=np.int64), reference
 
@@ -98,7 +96,6 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     reference_images: torch.Tensor | None,
-    margin: float,
 ) -> torch.Tensor:
     """Loss of one batch. DRA's reference images go through the backbone in the same batch (as in DRA)."""
     n_ref = 0 if reference_images is None else len(reference_images)
@@ -106,7 +103,7 @@ def train_step(
     feats = model.features(x)
     reference = [f[:n_ref].mean(dim=0) for f in feats] if n_ref else None
     scores = model.heads([f[n_ref:] for f in feats], reference)
-    return model.heads.loss(scores, labels, margin)
+    return model.heads.loss(scores, labels)
 
 
 @torch.no_grad()
@@ -130,7 +127,7 @@ def train_base(
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):  # head initialisation from the seed, without touching global state
         torch.manual_seed(seed)
-        model = build_model(config.model, backbone, topk=config.topk).to(device)
+        model = build_model(config.model, backbone, topk=config.topk, margin=config.margin).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     sampler = BatchSampler(normals, anomalies, config, rng)
@@ -146,7 +143,6 @@ def train_base(
                 to_input(images, device),
                 torch.from_numpy(labels).to(device),
                 None if ref is None else to_input(ref, device),
-                config.margin,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,6 +162,7 @@ def train_base(
         "model": config.model,
         "backbone": asdict(backbone),
         "topk": config.topk,
+        "margin": config.margin,
         "base": asdict(config),
         "seed": seed,
         "reference_index": ref_idx.tolist(),

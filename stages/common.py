@@ -1,4 +1,4 @@
-"""What every stage script shares: params.yaml loading, the import path, and one-line errors.
+"""What every stage script shares: reading params.yaml (the one config path), the import path, one-line errors.
 
 Stage scripts are thin: read their params, call the library, write their outs. Each also runs as a plain
 ``python stages/NAME.py`` command without DVC (e.g. on a GPU machine that has no dvc installed).
@@ -10,41 +10,59 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python stages/x.py` puts stages/ on the path, not the project root
     sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
+from ahl.config import check_keys, from_params, load_yaml  # noqa: E402
 from ahl.errors import UserError  # noqa: E402
 from ahl.runtime import setup_logging  # noqa: E402
 
 log = logging.getLogger("stage")
+T = TypeVar("T")
+
+# The top level of params.yaml: three values and one section per part of the pipeline. The stage `resolve`
+# (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
+VALUES = ("classname", "seed", "device")
+SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing {path}: run stages from the project root, or pass --params PATH")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} must be a mapping of sections")
-    return params
+class Params:
+    """params.yaml, checked at the top level; sections become typed dataclasses on request."""
+
+    def __init__(self, raw: dict[str, Any], path: str | Path = "params.yaml"):
+        check_keys(raw, VALUES + SECTIONS, "")
+        missing = [k for k in VALUES + SECTIONS if k not in raw]
+        if missing:
+            raise UserError(f"params.yaml: missing key(s) {', '.join(missing)} ({path})")
+        self.raw, self.path = raw, Path(path)
+        if not isinstance(raw["classname"], str) or not raw["classname"]:
+            raise UserError(f"params.yaml: classname = {raw['classname']!r} must be a subset name, e.g. brick")
+        seed = raw["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise UserError(f"params.yaml: seed = {seed!r} must be a whole number >= 0")
+        if not isinstance(raw["device"], str):
+            raise UserError(f"params.yaml: device = {raw['device']!r} must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def classname(self) -> str:
+        return self.raw["classname"]
+
+    @property
+    def seed(self) -> int:
+        return self.raw["seed"]
+
+    @property
+    def device(self) -> str:
+        return self.raw["device"]
+
+    def section(self, name: str, cls: type[T]) -> T:
+        return from_params(cls, self.raw[name], name)
 
 
-def section(params: dict, name: str) -> dict:
-    value = params.get(name) or {}
-    if not isinstance(value, dict):
-        raise UserError(f"params.yaml: {name} must be a mapping, got {value!r}")
-    return value
-
-
-def run(main: Callable[[dict[str, Any]], None], description: str) -> None:
+def run(main: Callable[[Params], None], description: str) -> None:
     """Parse ``--params``, set up logging, call ``main(params)``; a UserError becomes one line and exit 2."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
@@ -52,7 +70,7 @@ def run(main: Callable[[dict[str, Any]], None], description: str) -> None:
     args = parser.parse_args()
     setup_logging(args.verbose)
     try:
-        main(load_params(args.params))
+        main(Params(load_yaml(args.params), args.params))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

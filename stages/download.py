@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from common import ROOT, run, section
+from common import ROOT, Params, run
 
-from ahl.config import from_params
+from ahl.data.download import DataConfig, obtain
+from ahl.data.embedded import EmbeddedConfig
 from ahl.data.registry import get_dataset, get_source
 from ahl.io import read_json
 from ahl.runtime import show_progress
@@ -12,25 +13,19 @@ from ahl.runtime import show_progress
 SELECTION, RAW = "data/selection.json", "data/raw"
 
 
-def main(params: dict) -> None:
+def main(params: Params) -> None:
     selected = read_json(ROOT / SELECTION)
     dataset = get_dataset(selected["dataset"])
     if dataset.build is not None:
-        from ahl.data.embedded import EmbeddedConfig
-
-        dataset.build(ROOT / RAW, from_params(EmbeddedConfig, section(params, "embedded"), "embedded"))
+        dataset.build(ROOT / RAW, params.section("embedded", EmbeddedConfig))
         return
-    from ahl.data.download import obtain
-
-    data = section(params, "data")
-    source = get_source(dataset, selected["source"])
-    local = data.get("local")
+    data = params.section("data", DataConfig)
     obtain(
-        source,
+        get_source(dataset, selected["source"]),
         ROOT / RAW,
-        downloads=ROOT / data.get("downloads", "data/downloads"),
-        mirror=data.get("mirror"),
-        local=Path(local).expanduser() if local else None,
+        downloads=ROOT / data.downloads,
+        mirror=data.mirror,
+        local=Path(data.local).expanduser() if data.local else None,
         progress=show_progress(),
     )
 

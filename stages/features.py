@@ -1,8 +1,7 @@
 """Stage features: the frozen base model's features of train, test and pseudo-anomaly images -> cache/features."""
 
-from common import ROOT, run, section
+from common import ROOT, Params, run
 
-from ahl.config import from_params
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.features import CacheConfig, write_cache
@@ -13,29 +12,24 @@ from ahl.runtime import resolve_device, show_progress
 DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
 
 
-def main(params: dict) -> None:
-    cfg = section(params, "features")
-    config = from_params(CacheConfig, {**cfg, "families": tuple(cfg.get("families", CacheConfig.families))}, "features")
-    device = resolve_device(str(params.get("device", "auto")))
+def main(params: Params) -> None:
+    config = params.section("features", CacheConfig)
+    device = resolve_device(params.device)
     split = Split.from_dict(read_json(ROOT / SPLIT))
     ckpt = load_checkpoint(ROOT / BASE, device)
     size = ckpt.meta["backbone"]["image_size"]
     root = ROOT / DATA / split.classname
 
     def part(samples):
-        return (
-            load_images(root, [s.file for s in samples], size),
-            [s.label for s in samples],
-            [s.cls for s in samples],
-            [s.file for s in samples],
-        )
+        files = [s.file for s in samples]
+        return load_images(root, files, size), [s.label for s in samples], [s.cls for s in samples], files
 
     splits = {"train_normal": part(split.train_normals), "train_anomaly": part(split.train_anomalies), "test": part(split.test)}
     meta = {"classname": split.classname, "model": ckpt.meta["model"], "seen": [s.seen for s in split.test]}
     write_cache(
         ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
-        seed=int(params.get("seed", 0)), device=device, progress=show_progress(), meta=meta,
-    )
+        seed=params.seed, device=device, progress=show_progress(), meta=meta,
+    )  # fmt: skip
     print(f"cached features of {sum(len(p[0]) for p in splits.values())} images + {len(config.families)} families in {OUT}")
 
 

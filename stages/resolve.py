@@ -1,19 +1,38 @@
-"""Stage resolve: classname -> the dataset and the source it needs (data/selection.json).
+"""Stage resolve: check params.yaml in full, then classname -> the dataset and source it needs (data/selection.json).
 
-Downstream, download and convert depend on this file rather than on `classname`, so switching to another
-subset of the same dataset leaves them untouched (DVC sees an identical file).
+Every section is checked against its dataclass here, at the start of the pipeline, so a typo or a bad value in
+any section stops `dvc repro` before anything is downloaded or trained. Downstream, download and convert depend
+on data/selection.json rather than on `classname`, so switching to another subset of the same dataset leaves
+them untouched (DVC sees an identical file).
 """
 
-from common import ROOT, run
+from common import ROOT, SECTIONS, Params, run
 
+from ahl.data.download import DataConfig
+from ahl.data.embedded import EmbeddedConfig
+from ahl.data.protocol import ProtocolConfig
 from ahl.data.registry import resolve
+from ahl.features import CacheConfig
 from ahl.io import write_json
+from ahl.metrics import EvaluateConfig
+from ahl.model import BackboneConfig
+from ahl.runtime import resolve_device
+from ahl.train import BaseConfig
+from ahl.trainer import AHLConfig
 
 OUT = "data/selection.json"
+CONFIGS = {
+    "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
+    "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
+}  # fmt: skip
+assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 
 
-def main(params: dict) -> None:
-    selection = resolve(str(params.get("classname")))
+def main(params: Params) -> None:
+    for name, cls in CONFIGS.items():
+        params.section(name, cls)
+    resolve_device(params.device)
+    selection = resolve(params.classname)
     write_json(ROOT / OUT, {"dataset": selection.dataset, "source": selection.source})
 
 

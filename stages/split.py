@@ -1,8 +1,7 @@
 """Stage split: the open-set protocol for `classname` -> data/split.json (seen anomalies, test set)."""
 
-from common import ROOT, run, section
+from common import ROOT, Params, run
 
-from ahl.config import from_params
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
 from ahl.data.registry import resolve
@@ -11,10 +10,10 @@ from ahl.io import write_json
 DATA, OUT = "data/mvtec", "data/split.json"
 
 
-def main(params: dict) -> None:
-    classname = resolve(str(params.get("classname"))).classname
-    config = from_params(ProtocolConfig, section(params, "protocol"), "protocol")
-    split = make_split(read_subset(ROOT / DATA, classname), config, seed=int(params.get("seed", 0)), classname=classname)
+def main(params: Params) -> None:
+    classname = resolve(params.classname).classname
+    config = params.section("protocol", ProtocolConfig)
+    split = make_split(read_subset(ROOT / DATA, classname), config, seed=params.seed, classname=classname)
     write_json(ROOT / OUT, split.to_dict())
     print(f"{classname} ({split.setting} setting): {split.summary()}; seen classes: {split.seen_classes}")
 

@@ -1,8 +1,7 @@
 """Stage train_base: fine-tune the base model (DRA or DevNet) on the split's training data -> models/base.pt."""
 
-from common import ROOT, run, section
+from common import ROOT, Params, run
 
-from ahl.config import from_params
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.io import read_json
@@ -13,18 +12,16 @@ from ahl.train import BaseConfig, train_base
 DATA, SPLIT, OUT = "data/mvtec", "data/split.json", "models/base.pt"
 
 
-def main(params: dict) -> None:
+def main(params: Params) -> None:
     split = Split.from_dict(read_json(ROOT / SPLIT))
-    backbone = from_params(BackboneConfig, section(params, "backbone"), "backbone")
-    config = from_params(BaseConfig, section(params, "base"), "base")
-    device = resolve_device(str(params.get("device", "auto")))
+    backbone = params.section("backbone", BackboneConfig)
+    config = params.section("base", BaseConfig)
+    device = resolve_device(params.device)
     root = ROOT / DATA / split.classname
     normals = load_images(root, [s.file for s in split.train_normals], backbone.image_size)
     anomalies = load_images(root, [s.file for s in split.train_anomalies], backbone.image_size)
     print(f"training {config.model} on {len(normals)} normals + {len(anomalies)} seen anomalies ({device})")
-    ckpt = train_base(
-        normals, anomalies, backbone, config, seed=int(params.get("seed", 0)), device=device, progress=show_progress()
-    )
+    ckpt = train_base(normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress())
     ckpt.meta["reference_files"] = [split.train_normals[i].file for i in ckpt.meta["reference_index"]]
     ckpt.meta["classname"] = split.classname
     save_checkpoint(ROOT / OUT, ckpt)

@@ -9,13 +9,18 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from ahl.config import from_params
-from ahl.cdl import AHLConfig, FeatureStore, adapt, forward, query_loss, score, train_ahl
+from ahl.cdl import adapt, query_loss
+from ahl.config import from_params, load_yaml
 from ahl.errors import UserError
 from ahl.estimator import EstimatorConfig, GeneralisationEstimation, GeneralisationEstimator, QueryPool, rewards
 from ahl.features import FeatureCache, FeatureSet
-from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features, sample_batch
-from ahl.heads import NORMAL, PSEUDO, SEEN, build_heads
+from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features
+from ahl.heads import NORMAL, PSEUDO, SEEN
+from ahl.losses import deviation_loss
+from ahl.model import build_heads
+from ahl.scoring import forward, score_features
+from ahl.store import FeatureStore
+from ahl.trainer import AHLConfig, initial_heads, train_ahl
 
 C = 16  # channels of the synthetic feature maps: scales (C, 4, 4) and (C, 2, 2)
 FAMILIES = ("cutmix", "cutpaste", "draem")
@@ -78,10 +83,26 @@ def make_cache(seed=0, n_normal=60, n_seen=6, sizes=None) -> tuple[FeatureCache,
     return cache, blob
 
 
-def make_heads(model="dra", seed=0):
+def make_heads(model="dra", seed=0, margin=5.0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_heads(model, C)
+        return build_heads(model, C, topk=0.1, margin=margin)
+
+
+def score(features, heads, reference, device):
+    return score_features(features, heads, reference, device, batch_size=64)
+
+
+def train(cache, heads, config, seed=0, device="cpu"):
+    """train_ahl with the pipeline's kind of callback: the test scores and AUC-ROC of every epoch."""
+    test_scores = []
+
+    def on_epoch(epoch, scored):
+        test_scores.append(score(cache.test, scored, cache.reference, device))
+        return {"test_auc_roc": _auc(cache, test_scores[-1])}
+
+    result = train_ahl(cache, heads, config, seed=seed, device=device, on_epoch=on_epoch)
+    return result, test_scores
 
 
 FAST = AHLConfig(epochs=3, steps_per_epoch=3, update_step=1, batch_size=24, lr=2e-2, history=2, psi_steps=5)
@@ -183,7 +204,13 @@ def test_support_and_query_families_differ(families):
 
 def test_batches_are_16_16_16_and_pseudo_rows_come_from_the_task_normals(cache):
     normals = np.arange(0, 40)
-    features, labels = sample_batch(cache, normals, np.arange(6), "draem", 48, np.random.default_rng(0))
+    store = FeatureStore(cache, FAMILIES, torch.device("cpu"))
+    split_of = {f: f for f in FAMILIES}
+
+    def sample_batch(normals, anomalies, family):
+        return store.batch(draw_batch(normals, anomalies, family, 48, np.random.default_rng(0)), split_of)
+
+    features, labels = sample_batch(normals, np.arange(6), "draem")
     assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [16, 16, 16]
     assert [tuple(f.shape) for f in features] == [(48, C, 4, 4), (48, C, 2, 2)]
     assert all(f.dtype == torch.float32 for f in features)
@@ -192,9 +219,9 @@ def test_batches_are_16_16_16_and_pseudo_rows_come_from_the_task_normals(cache):
     assert not set(b.pseudo) & set(b.normals)  # 32 distinct normals drawn, half replaced by their pseudo version
     pseudo_rows = cache.pseudo["draem"].scales[0][b.pseudo].astype(np.float32)
     np.testing.assert_array_equal(features[0][labels == PSEUDO].numpy(), pseudo_rows)
-    _, labels = sample_batch(cache, normals, np.zeros(0, np.int64), "draem", 48, np.random.default_rng(0))
+    _, labels = sample_batch(normals, np.zeros(0, np.int64), "draem")
     assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [24, 0, 24]
-    _, labels = sample_batch(cache, normals, np.arange(6), None, 48, np.random.default_rng(0))
+    _, labels = sample_batch(normals, np.arange(6), None)
     assert [int((labels == k).sum()) for k in (NORMAL, SEEN, PSEUDO)] == [24, 24, 0]
 
 
@@ -299,7 +326,7 @@ def test_rewards_follow_the_cost_and_the_support_cluster():
 
 def test_task_weights_are_uniform_before_warm_up_and_sum_to_one(cache):
     config = dataclasses.replace(FAST, epochs=4, history=2)
-    result = train_ahl(cache, make_heads(), config, seed=0, device=torch.device("cpu"))
+    result, _ = train(cache, make_heads(), config, seed=0, device=torch.device("cpu"))
     for entry in result.history:
         w = np.array(entry["task_weights"])
         assert w.shape == (6,) and np.isclose(w.sum(), 1.0) and (w > 0).all()
@@ -324,12 +351,12 @@ def _strip(history):
 
 def test_same_seed_gives_the_same_history(cache):
     config = dataclasses.replace(FAST, epochs=2)
-    a = train_ahl(cache, make_heads(), config, seed=5, device="cpu")
-    b = train_ahl(cache, make_heads(), config, seed=5, device="cpu")
+    a, a_scores = train(cache, make_heads(), config, seed=5)
+    b, b_scores = train(cache, make_heads(), config, seed=5)
     assert _strip(a.history) == _strip(b.history)
-    for x, y in zip(a.test_scores, b.test_scores):
+    for x, y in zip(a_scores, b_scores):
         np.testing.assert_array_equal(x, y)
-    c = train_ahl(cache, make_heads(), config, seed=6, device="cpu")
+    c, _ = train(cache, make_heads(), config, seed=6)
     assert _strip(a.history) != _strip(c.history)
 
 
@@ -337,13 +364,13 @@ def test_training_raises_test_auc_and_leaves_the_input_heads_alone(cache):
     heads = make_heads()
     before = {n: p.clone() for n, p in heads.state_dict().items()}
     initial_auc = _auc(cache, score(cache.test, heads, cache.reference, "cpu"))
-    result = train_ahl(cache, heads, LEARN, seed=0, device="cpu")
+    result, test_scores = train(cache, heads, LEARN, seed=0)
     aucs = [e["test_auc_roc"] for e in result.history]
     assert len(aucs) == 3 and aucs[-1] > 0.9 and aucs[-1] > initial_auc + 0.1
     assert all(torch.equal(before[n], p) for n, p in heads.state_dict().items())
     # the returned heads are theta_g of the last epoch: scoring them again gives the last epoch's test scores
     again = score(cache.test, result.heads, cache.reference, "cpu")
-    np.testing.assert_allclose(again, result.test_scores[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again, test_scores[-1], rtol=1e-5, atol=1e-5)
     assert not result.heads.training
 
 
@@ -363,7 +390,7 @@ def _auc(cache, scores):
 )
 def test_ablations_run(cache, change):
     config = dataclasses.replace(FAST, epochs=2, **change)
-    result = train_ahl(cache, make_heads(), config, seed=0, device="cpu")
+    result, _ = train(cache, make_heads(), config, seed=0)
     assert len(result.history) == 2
     assert all(e["test_auc_roc"] is not None for e in result.history)
     scores = score(cache.test, result.heads, cache.reference, "cpu")
@@ -371,7 +398,7 @@ def test_ablations_run(cache, change):
 
 
 def test_devnet_heads_train(cache):
-    result = train_ahl(cache, make_heads("devnet"), LEARN, seed=0, device="cpu")
+    result, _ = train(cache, make_heads("devnet"), LEARN, seed=0)
     assert result.history[-1]["test_auc_roc"] > 0.8
 
 
@@ -383,22 +410,57 @@ def test_redraw_augmentation_uses_the_variants(cache):
         variants[f"{family}@1"] = dataclasses.replace(base, scales=[(x * 1.1).astype(np.float16) for x in base.scales])
     multi = dataclasses.replace(cache, pseudo=variants)
     redraw = dataclasses.replace(FAST, epochs=2, redraw_augmentation=True)
-    a = train_ahl(multi, make_heads(), redraw, seed=0, device="cpu")
-    b = train_ahl(multi, make_heads(), dataclasses.replace(FAST, epochs=2), seed=0, device="cpu")
+    a, _ = train(multi, make_heads(), redraw, seed=0)
+    b, _ = train(multi, make_heads(), dataclasses.replace(FAST, epochs=2), seed=0)
     assert {t.support_family for t in a.tasks} <= set(FAMILIES)
     assert _strip(a.history) != _strip(b.history)
 
 
-def _from_params(section: dict) -> AHLConfig:
-    config = from_params(AHLConfig, section, "ahl")
-    config.validate()
-    return config
+def _from_params(**changes) -> AHLConfig:
+    section = load_yaml("params.yaml")["ahl"]
+    for key, value in changes.items():
+        *parents, leaf = key.split("__")
+        node = section
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_params(AHLConfig, section, "ahl")
 
 
-def test_config_from_params_rejects_unknown_keys():
-    config = _from_params({"epochs": 2, "hadg": {"n_clusters": 4}})
+def test_config_from_params_takes_every_value_from_params_and_rejects_mistakes():
+    config = _from_params(epochs=2, hadg__n_clusters=4)
     assert config.epochs == 2 and config.hadg.n_clusters == 4
-    with pytest.raises(UserError, match="epoch"):
-        _from_params({"epoch": 2})
+    with pytest.raises(UserError, match=r"ahl.epoch \(did you mean 'epochs'\?\)"):
+        _from_params(epoch=2)
+    with pytest.raises(UserError, match=r"ahl.hadg.n_cluster \(did you mean 'n_clusters'\?\)"):
+        _from_params(hadg__n_cluster=2)
     with pytest.raises(UserError, match="weighting"):
-        _from_params({"weighting": "lstm"})
+        _from_params(weighting="lstm")
+    with pytest.raises(UserError, match=r"ahl.lr = '2e-4x' is not float"):
+        _from_params(lr="2e-4x")
+    section = load_yaml("params.yaml")["ahl"]
+    del section["psi_steps"]
+    with pytest.raises(UserError, match=r"missing key\(s\) ahl.psi_steps"):
+        from_params(AHLConfig, section, "ahl")
+
+
+def test_ahl_trains_with_the_base_models_margin(cache):
+    """The deviation-loss margin is the base model's (base.margin), carried by the heads into every AHL loss."""
+    store, support, _ = _task_batches(cache, 1)
+    losses = {}
+    for margin in (2.0, 5.0):
+        heads = make_heads(margin=margin).train()
+        theta, buffers = dict(heads.named_parameters()), {n: b.clone() for n, b in heads.named_buffers()}
+        _, (loss,) = adapt(heads, theta, buffers, support, store.reference, 2e-4, False)
+        features, labels = support[0]
+        with torch.no_grad():
+            scores = forward(heads, theta, {n: b.clone() for n, b in heads.named_buffers()}, features, store.reference)
+            expected = sum(
+                deviation_loss(scores[mask, h], target[mask], margin)
+                for h, (mask, target) in enumerate(heads.targets(labels)) if mask.any()
+            )  # fmt: skip
+        assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+        losses[margin] = float(loss)
+    assert losses[2.0] != losses[5.0]
+    official = initial_heads(make_heads(margin=2.0), "dra", True, [(6, 6), (3, 3)])
+    assert official.margin == 2.0 and official.topk == 0.1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ahl import augment
+from ahl import augment, draem, features
 from ahl.errors import UserError
 
 SIZE = 128
@@ -39,14 +39,14 @@ def run(family: str, image: np.ndarray, source: np.ndarray, seed: int) -> np.nda
         return augment.cutpaste(image, rng)
     if family == "cutmix":
         return augment.cutmix(image, source_rgb(source), rng)
-    return augment.draem(image, source, rng)
+    return draem.draem(image, source, rng)
 
 
 def source_rgb(source: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(source).convert("RGB").resize((SIZE, SIZE)))
 
 
-@pytest.mark.parametrize("family", augment.FAMILIES)
+@pytest.mark.parametrize("family", features.FAMILIES)
 @pytest.mark.parametrize("seed", range(5))
 def test_family_changes_part_of_the_image(family, seed, image, source):
     before = image.copy()
@@ -59,7 +59,7 @@ def test_family_changes_part_of_the_image(family, seed, image, source):
         assert 0.01 <= frac <= 0.20, f"{family} changed {frac:.1%} of the pixels"
 
 
-@pytest.mark.parametrize("family", augment.FAMILIES)
+@pytest.mark.parametrize("family", features.FAMILIES)
 def test_determinism(family, image, source):
     a = run(family, image, source, 0)
     b = run(family, image, source, 0)
@@ -68,7 +68,7 @@ def test_determinism(family, image, source):
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("family", augment.FAMILIES)
+@pytest.mark.parametrize("family", features.FAMILIES)
 def test_global_rngs_neither_used_nor_touched(family, image, source):
     states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
     a = run(family, image, source, 3)
@@ -109,21 +109,21 @@ def test_cutpaste_patch_comes_from_the_same_image():
 @pytest.mark.parametrize("shape", [(SIZE, SIZE), (96, 160), (448, 448)])
 def test_perlin_mask_is_neither_empty_nor_full(shape):
     for seed in range(10):
-        mask = augment.perlin_mask(shape, np.random.default_rng(seed))
+        mask = draem.perlin_mask(shape, np.random.default_rng(seed))
         assert mask.shape == shape and mask.dtype == bool
         assert 0 < mask.mean() < 1
 
 
 def test_perlin_mask_deterministic():
-    a = augment.perlin_mask((64, 64), np.random.default_rng(5))
-    assert np.array_equal(a, augment.perlin_mask((64, 64), np.random.default_rng(5)))
-    assert not np.array_equal(a, augment.perlin_mask((64, 64), np.random.default_rng(6)))
+    a = draem.perlin_mask((64, 64), np.random.default_rng(5))
+    assert np.array_equal(a, draem.perlin_mask((64, 64), np.random.default_rng(5)))
+    assert not np.array_equal(a, draem.perlin_mask((64, 64), np.random.default_rng(6)))
 
 
 def test_draem_changes_only_inside_the_mask(image, source):
     for seed in range(10):
-        out = augment.draem(image, source, np.random.default_rng(seed))
-        mask = augment.perlin_mask(image.shape[:2], np.random.default_rng(seed))  # draem draws the mask first
+        out = draem.draem(image, source, np.random.default_rng(seed))
+        mask = draem.perlin_mask(image.shape[:2], np.random.default_rng(seed))  # draem draws the mask first
         diff = changed(out, image)
         assert diff.any()
         assert not (diff & ~mask).any(), "pixels outside the Perlin mask changed"
@@ -132,13 +132,13 @@ def test_draem_changes_only_inside_the_mask(image, source):
 def test_augment_source_ops_keep_shape_and_dtype():
     src = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
     rng = np.random.default_rng(0)
-    for name, op in augment.SOURCE_OPS.items():
+    for name, op in draem.SOURCE_OPS.items():
         out = op(augment._to_tensor(src), rng)
         assert out.shape == (3, 50, 60) and out.dtype == torch.uint8, name
 
 
 def test_anomaly_sources_default_are_rgb_photographs():
-    sources = augment.anomaly_sources(None)
+    sources = draem.anomaly_sources(None)
     assert len(sources) >= 5
     for s in sources:
         assert s.dtype == np.uint8 and s.ndim == 3 and s.shape[2] == 3
@@ -149,7 +149,7 @@ def test_anomaly_sources_from_folder(tmp_path):
     Image.fromarray(np.zeros((20, 30), dtype=np.uint8)).save(tmp_path / "b" / "grey.png")
     Image.fromarray(np.full((10, 10, 3), 9, dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    sources = augment.anomaly_sources(tmp_path)
+    sources = draem.anomaly_sources(tmp_path)
     assert len(sources) == 2
     assert sources[0].shape == (10, 10, 3)  # sorted: a.png before b/grey.png
     assert sources[1].shape == (20, 30, 3)  # grey loaded as RGB
@@ -157,15 +157,15 @@ def test_anomaly_sources_from_folder(tmp_path):
 
 def test_anomaly_sources_missing_or_empty_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        augment.anomaly_sources(tmp_path / "nope")
+        draem.anomaly_sources(tmp_path / "nope")
     with pytest.raises(UserError, match="holds no images"):
-        augment.anomaly_sources(tmp_path)
+        draem.anomaly_sources(tmp_path)
 
 
 def test_maker(image, source):
     normals = [image, np.full_like(image, 7), np.full_like(image, 250)]
-    maker = augment.PseudoAnomalyMaker(normals, [source])
-    for family in augment.FAMILIES:
+    maker = features.PseudoAnomalyMaker(normals, [source])
+    for family in features.FAMILIES:
         out = maker.make(family, 0, np.random.default_rng(0))
         assert out.shape == image.shape and changed(out, image).any()
         assert np.array_equal(out, maker.make(family, 0, np.random.default_rng(0)))
@@ -176,4 +176,4 @@ def test_maker(image, source):
     with pytest.raises(UserError, match="unknown pseudo-anomaly family"):
         maker.make("mixup", 0, np.random.default_rng(0))
     with pytest.raises(UserError, match="at least 2 normal"):
-        augment.PseudoAnomalyMaker([image], [source]).make("cutmix", 0, np.random.default_rng(0))
+        features.PseudoAnomalyMaker([image], [source]).make("cutmix", 0, np.random.default_rng(0))

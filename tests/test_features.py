@@ -16,7 +16,7 @@ from ahl.model import BackboneConfig, build_model
 def model():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        m = build_model("dra", BackboneConfig(name="efficientnet_lite0", image_size=64, n_scales=2)).eval()
+        m = build_model("dra", BackboneConfig(name="efficientnet_lite0", image_size=64, n_scales=2), topk=0.1, margin=5.0).eval()
     return m
 
 
@@ -75,7 +75,7 @@ def test_failure_midway_leaves_no_cache(small_dataset, model, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(ahl.augment.PseudoAnomalyMaker, "make", broken)
+    monkeypatch.setattr(ahl.features.PseudoAnomalyMaker, "make", broken)
     with pytest.raises(RuntimeError):
         write_cache(tmp_path / "c", model, [torch.zeros(320, 2, 2)] * 2, _splits(small_dataset), CacheConfig(), seed=0, device="cpu")
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []

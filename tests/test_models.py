@@ -38,7 +38,7 @@ def _features(batch=6, channels=8):
 
 
 def test_dra_heads_shapes_targets_and_gradients():
-    heads = DRAHeads(8, topk=0.1, hidden=16)
+    heads = DRAHeads(8, topk=0.1, margin=5.0, hidden=16)
     feats = _features()
     reference = [f[:2].mean(0) for f in feats]
     scores = heads(feats, reference)
@@ -57,16 +57,16 @@ def test_dra_heads_shapes_targets_and_gradients():
 
 
 def test_dra_needs_reference_and_official_geometry_shrinks_the_map():
-    heads = DRAHeads(8)
+    heads = DRAHeads(8, topk=0.1, margin=5.0)
     with pytest.raises(ValueError, match="reference"):
         heads(_features(), None)
-    official = DRAHeads(8, official_geometry=True)
+    official = DRAHeads(8, topk=0.1, margin=5.0, official_geometry=True)
     x = torch.randn(2, 8, 14, 14)
     assert official.composite_head.conv(x).shape[-1] == 4 and heads.composite_head.conv(x).shape[-1] == 14
 
 
 def test_devnet_head():
-    heads = DevNetHeads(8)
+    heads = DevNetHeads(8, topk=0.1, margin=5.0)
     scores = heads(_features())
     assert scores.shape == (6, 1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -114,7 +114,7 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
     normals = rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
     anomalies = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     bb = BackboneConfig(name="efficientnet_lite0", pretrained="none", image_size=64, n_scales=2)
-    cfg = BaseConfig(model=model, epochs=1, steps_per_epoch=2, batch_size=6, n_ref=2)
+    cfg = BaseConfig(model=model, epochs=1, steps_per_epoch=2, batch_size=6, n_ref=2, margin=3.0)
     a = train_base(normals, anomalies, bb, cfg, seed=5, device=torch.device("cpu"))
     b = train_base(normals, anomalies, bb, cfg, seed=5, device=torch.device("cpu"))
     assert a.meta["history"][0]["loss"] == b.meta["history"][0]["loss"]
@@ -122,6 +122,7 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
         assert torch.equal(v, w), k
     save_checkpoint(tmp_path / "m.pt", a)
     loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.model.heads.margin == a.model.heads.margin == 3.0  # AHL trains with base.margin
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x, loaded.reference), a.model.eval()(x, a.reference))
@@ -132,8 +133,8 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
 def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):
     from ahl.model import load_heads, save_heads
 
-    heads = DRAHeads(8, official_geometry=True)
-    meta = {"model": "dra", "in_channels": 8, "topk": 0.1, "members": 0, "official_geometry": True}
+    heads = DRAHeads(8, topk=0.1, margin=5.0, official_geometry=True)
+    meta = {"model": "dra", "in_channels": 8, "topk": 0.1, "margin": 5.0, "members": 0, "official_geometry": True}
     save_heads(tmp_path / "h.pt", heads, meta)
     loaded, _ = load_heads(tmp_path / "h.pt")
     assert loaded.composite_head.conv[0].stride == (3, 3) and loaded.composite_head.conv[0].padding == (0, 0)
@@ -141,3 +142,31 @@ def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):
     reference = [torch.randn(8, 9, 9)]
     with torch.no_grad():
         assert torch.allclose(loaded(feats, reference), heads.eval()(feats, reference))
+
+
+class _Payload:
+    """Pickles as a call of os.system: what a crafted checkpoint from a shared cache could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("loader", ["checkpoint", "heads"])
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, loader):
+    from ahl.model import load_heads
+
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        torch.save({"format": 1, "state_dict": {}, "meta": _Payload(marker)}, f)
+    load = load_checkpoint if loader == "checkpoint" else load_heads
+    with pytest.raises(UserError, match="could run code.*dvc repro -f"):
+        load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load(tmp_path / "junk.pt")

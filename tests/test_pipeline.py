@@ -97,14 +97,18 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
     assert 0.0 <= metrics["base"]["auc_roc"] <= 1.0 and "auc_pr" in metrics["base"]
     assert metrics["ahl"]["model"] == "AHL(dra)" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
-    epochs = json.loads((repo.path / "results/ahl_epochs.json").read_text())
-    assert [e["epoch"] for e in epochs] == [1, 2]
+    epochs = (repo.path / "results/ahl_training/plots/metrics/test_auc_roc.tsv").read_text().splitlines()
+    assert epochs[0] == "step\ttest_auc_roc" and [line.split("\t")[0] for line in epochs[1:]] == ["0", "1"]
     assert set(metrics["base"]["per_class_auc_roc"]) <= {"scratch", "hole", "stain", "foreign", "crack"}
     scores = (repo.path / "results/scores.csv").read_text().splitlines()
     assert scores[0] == "file,label,class,seen,score_base,score_ahl" and len(scores) > 10
-    assert (repo.path / "results/plots/curves.png").stat().st_size > 1000
-    roc = json.loads((repo.path / "results/plots/roc/base.json").read_text())
-    assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1]["fpr"] == 1.0
+    plots = repo.path / "results/evaluation/plots"
+    assert (plots / "images/curves.png").stat().st_size > 1000
+    roc = json.loads((plots / "sklearn/roc/base.json").read_text())["roc"]
+    assert (roc[0]["fpr"], roc[0]["tpr"]) == (0.0, 0.0) and (roc[-1]["fpr"], roc[-1]["tpr"]) == (1.0, 1.0)
+    assert json.loads((plots / "sklearn/pr/ahl.json").read_text())["precision_recall"]
+    shown = repo.dvc("plots", "show", "--json").stdout
+    assert "results/evaluation/plots/sklearn/roc/base.json" in shown and "test_auc_roc.tsv" in shown
     second = repo.dvc("repro")
     assert repo.ran(second.stdout) == set()
     # Retraining with the same params and seed gives a byte-identical checkpoint, so nothing after it reruns.
@@ -115,19 +119,36 @@ def test_repro_runs_every_stage_then_nothing(repo):
     repo.git("commit", "-qm", "baseline")
 
 
+# `resolve` checks every section of params.yaml, so it reruns on any param change; its output (dataset and source)
+# stays the same, so nothing after it reruns because of it.
+
+
 def test_evaluation_param_reruns_only_evaluation(repo):
-    res = repo.dvc("exp", "run", "-S", "evaluate.curve_points=20")
-    assert repo.ran(res.stdout) == {"evaluate"}
-    assert len(json.loads((repo.path / "results/plots/roc/base.json").read_text())) <= 20
+    before = json.loads((repo.path / "results/metrics.json").read_text())
+    res = repo.dvc("exp", "run", "-S", "evaluate.batch_size=5")
+    assert repo.ran(res.stdout) == {"resolve", "evaluate"}
+    assert json.loads((repo.path / "results/metrics.json").read_text()) == before  # batch size changes nothing
 
 
 def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
-    res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.curve_points=200")
-    assert repo.ran(res.stdout) == {"train_ahl", "evaluate"}
+    res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.batch_size=32")
+    assert repo.ran(res.stdout) == {"resolve", "train_ahl", "evaluate"}
+
+
+def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):
+    params = repo.path / "params.yaml"
+    good = params.read_text()
+    params.write_text(good.replace("  batch_size: 32\n", "  batch_sise: 32\n", 1))
+    try:
+        res = repo.dvc("repro", check=False)
+    finally:
+        params.write_text(good)
+    assert res.returncode != 0 and repo.ran(res.stdout) == {"resolve"}
+    assert "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?)" in res.stderr + res.stdout
 
 
 def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):
-    res = repo.dvc("exp", "run", "-S", "classname=grass", "-S", "evaluate.curve_points=200")
+    res = repo.dvc("exp", "run", "-S", "classname=grass", "-S", "evaluate.batch_size=32")
     ran = repo.ran(res.stdout)
     assert "download" not in ran and "convert" not in ran
     assert {"resolve", "split", "train_base", "evaluate"} <= ran

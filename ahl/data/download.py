@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
@@ -38,6 +39,14 @@ MIRROR_HINT = "set a mirror URL (`data.mirror` in params.yaml, or `dvc exp run -
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 # Python >= 3.11.4 (and the 3.8-3.10 security releases) carry tarfile's extraction filters.
 _TAR_FILTER = "data" if hasattr(tarfile, "data_filter") else None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    split_seed: int  # the 3:1 train/test split of normals of non-MVTec datasets (papers: random_state=42)
+    downloads: str  # where archives are downloaded to / placed by hand
+    mirror: str | None  # a URL to use instead of the registered one
+    local: str | None  # a local archive or folder holding the raw data (skips the download)
 
 
 def _bar(progress: bool, **kwargs) -> tqdm:

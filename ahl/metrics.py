@@ -1,33 +1,22 @@
-"""Scoring and metrics: image AUC-ROC and AUC-PR overall, per anomaly class, and for seen vs unseen classes."""
+"""Image-level metrics: AUC-ROC and AUC-PR overall, per anomaly class, and for seen vs unseen classes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ahl.backbones import to_input
-from ahl.model import AnomalyModel
+from ahl.config import at_least
 
 
-@torch.no_grad()
-def score_images(
-    model: AnomalyModel,
-    images: np.ndarray,
-    reference: Sequence[torch.Tensor] | None,
-    device: torch.device,
-    batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(final scores (N,), per-head scores (N, n_heads)) of uint8 images (N, S, S, 3), model in eval mode."""
-    model.eval()
-    heads = []
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start : start + batch_size], device)
-        heads.append(model(x, reference).float().cpu())
-    per_head = torch.cat(heads)
-    return model.heads.final_score(per_head).numpy(), per_head.numpy()
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int  # scoring batch size (does not change results)
+
+    def __post_init__(self) -> None:
+        at_least("evaluate.batch_size", self.batch_size, 1)
 
 
 def auc_roc_pr(labels: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:
@@ -64,16 +53,3 @@ def compute_metrics(
     }
     out["n_test"] = {"normal": int(normal.sum()), "seen": int((~normal & seen).sum()), "unseen": int((~normal & ~seen).sum())}
     return out
-
-
-def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200) -> dict[str, list[dict]]:
-    """ROC and PR curves as lists of points (the JSON that ``dvc plots`` reads), thinned to ``max_points``."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-
-    def thin(n: int) -> np.ndarray:
-        return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int))
-
-    roc = [{"fpr": float(fpr[i]), "tpr": float(tpr[i])} for i in thin(len(fpr))]
-    pr = [{"recall": float(recall[i]), "precision": float(precision[i])} for i in thin(len(recall))]
-    return {"roc": roc, "pr": pr}

@@ -1,0 +1,80 @@
+"""Scoring in one place: images through a base model, cached features through a set of heads (any weights).
+
+Everything here runs in eval mode under no_grad; training code (base or AHL) calls the same functions, so a
+score seen during training is the score evaluation reports.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from ahl.backbones import to_input
+from ahl.features import FeatureSet
+from ahl.heads import ScoringHeads
+from ahl.model import AnomalyModel
+
+Params = dict[str, torch.Tensor]
+
+
+def forward(heads: ScoringHeads, params: Params, buffers: Params, features, reference) -> torch.Tensor:
+    """Per-head scores (B, n_heads) of ``heads`` run with the weights ``params`` (theta_g or an adapted phi_i)."""
+    return functional_call(heads, (params, buffers), (features, reference if heads.uses_reference else None))
+
+
+@torch.no_grad()
+def score_images(
+    model: AnomalyModel,
+    images: np.ndarray,
+    reference: Sequence[torch.Tensor] | None,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(final scores (N,), per-head scores (N, n_heads)) of uint8 images (N, S, S, 3), model in eval mode."""
+    model.eval()
+    heads = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size], device)
+        heads.append(model(x, reference).float().cpu())
+    per_head = torch.cat(heads)
+    return model.heads.final_score(per_head).numpy(), per_head.numpy()
+
+
+@torch.no_grad()
+def final_scores(
+    heads: ScoringHeads, params: Params, buffers: Params, chunks: Iterable[list[torch.Tensor]], reference
+) -> np.ndarray:
+    """Final scores (N,) in eval mode of ``heads`` with weights ``params`` on an iterable of feature lists."""
+    was_training = heads.training
+    heads.eval()
+    try:
+        out = [heads.final_score(forward(heads, params, buffers, f, reference)).float().cpu() for f in chunks]
+    finally:
+        heads.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def score_features(
+    features: FeatureSet,
+    heads: ScoringHeads,
+    reference: Sequence[np.ndarray | torch.Tensor] | None,
+    device: torch.device | str,
+    batch_size: int,
+) -> np.ndarray:
+    """Final anomaly score (N,) of every image of a FeatureSet under ``heads`` (eval mode, no gradient)."""
+    device = torch.device(device)
+    ref = None
+    if reference is not None:
+        ref = [torch.as_tensor(np.asarray(r, dtype=np.float32)).to(device) for r in reference]
+    params = {n: p.detach() for n, p in heads.named_parameters()}
+    buffers = dict(heads.named_buffers())
+
+    def chunks():
+        for start in range(0, len(features), batch_size):
+            stop = min(start + batch_size, len(features))
+            yield [torch.from_numpy(np.asarray(x[start:stop], dtype=np.float32)).to(device) for x in features.scales]
+
+    return final_scores(heads, params, buffers, chunks(), ref)

@@ -1,0 +1,195 @@
+"""The house plan, checked: dvc.yaml's deps match what each stage imports, no import circles, size limits."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules (``ahl...`` and the stage helpers) ``path`` imports anywhere, functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def module_file(name: str, stage_dir: Path, root: Path = ROOT) -> Path | None:
+    """The file of a project module name (``ahl.x.y`` or a stage helper such as ``common``), else None."""
+    if name.split(".")[0] == "ahl":
+        for candidate in (root / (name.replace(".", "/") + ".py"), root / name.replace(".", "/") / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+    candidate = stage_dir / f"{name}.py"
+    return candidate if "." not in name and candidate.is_file() else None
+
+
+def import_closure(script: Path, root: Path = ROOT) -> set[Path]:
+    """Every project file ``script`` needs, transitively (itself included)."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            target = module_file(name, script.parent, root)
+            if target is not None:
+                todo.append(target)
+    return seen
+
+
+def stage_scripts(dvc_yaml: dict, root: Path = ROOT) -> dict[str, Path]:
+    scripts = {}
+    for name, stage in dvc_yaml["stages"].items():
+        words = [w for w in stage["cmd"].split() if w.endswith(".py")]
+        assert len(words) == 1, f"stage {name}: expected one script in its cmd {stage['cmd']!r}"
+        scripts[name] = root / words[0]
+    return scripts
+
+
+def deps_problems(root: Path) -> list[str]:
+    """What is wrong with dvc.yaml's deps under ``root``: files a stage imports but does not list, listed files
+    that do not exist. Package ``__init__`` files count as imports (they run on import)."""
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    problems = []
+    for name, script in stage_scripts(dvc_yaml, root).items():
+        deps = {d for d in dvc_yaml["stages"][name].get("deps", [])}
+        for dep in sorted(deps):
+            if not (root / dep).exists() and not dep.startswith(("data/", "models/", "cache/")):
+                problems.append(f"stage {name}: dep {dep} does not exist")
+        needed = {p.relative_to(root).as_posix() for p in import_closure(script, root)}
+        for missing in sorted(needed - deps):
+            if not any(missing.startswith(d.rstrip("/") + "/") for d in deps):
+                problems.append(f"stage {name}: imports {missing} but does not list it in deps")
+    return problems
+
+
+def test_stage_deps_match_imports():
+    assert deps_problems(ROOT) == []
+
+
+def test_deps_check_catches_a_missing_and_a_stale_dep(tmp_path):
+    for item in ("dvc.yaml", "stages", "ahl"):
+        (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, tmp_path / item)
+    dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["train_ahl"]["deps"].remove("ahl/trainer.py")
+    deps = dvc_yaml["stages"]["evaluate"]["deps"]
+    deps[deps.index("ahl/metrics.py")] = "ahl/no_such_module.py"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    problems = deps_problems(tmp_path)
+    assert "stage train_ahl: imports ahl/trainer.py but does not list it in deps" in problems
+    assert "stage evaluate: dep ahl/no_such_module.py does not exist" in problems
+    assert "stage evaluate: imports ahl/metrics.py but does not list it in deps" in problems
+
+
+def test_stage_paths_are_declared_in_dvc_yaml():
+    """The path constants of each stage script (DATA, SPLIT, OUT, ...) are its deps or outs in dvc.yaml."""
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, script in stage_scripts(dvc_yaml).items():
+        stage = dvc_yaml["stages"][name]
+        declared = set(stage.get("deps", []))
+        for kind in ("outs", "metrics", "plots"):
+            declared |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])}
+        for node in ast.parse(script.read_text()).body:
+            if isinstance(node, ast.Assign) and all(isinstance(t, (ast.Name, ast.Tuple)) for t in node.targets):
+                values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+                for v in values:
+                    if isinstance(v, ast.Constant) and isinstance(v.value, str) and "/" in v.value:
+                        assert v.value in declared, f"stage {name}: {v.value} is not a dep or out in dvc.yaml"
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in (ROOT / "ahl").rglob("*.py"):
+        name = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        graph[name] = {m for m in imported_modules(path) if module_file(m, ROOT / "stages") is not None}
+        graph[name] = {m if (ROOT / (m.replace(".", "/") + ".py")).is_file() or (ROOT / m.replace(".", "/")).is_dir()
+                       else m.rsplit(".", 1)[0] for m in graph[name]} - {name}  # fmt: skip
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    assert find_cycle(_graph()) is None, f"import cycle: {' -> '.join(find_cycle(_graph()))}"
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_library_never_imports_dvc():
+    for path in (ROOT / "ahl").rglob("*.py"):
+        roots = {m.split(".")[0] for m in imported_modules(path)}
+        assert not roots & {"dvc", "dvclive"}, f"{path} imports dvc/dvclive"
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_module_and_function_sizes():
+    """No module outside ahl/data over 350 lines; no function over 60 lines outside tests and benchmarks."""
+    for path in sorted([*(ROOT / "ahl").rglob("*.py"), *(ROOT / "stages").glob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        if "data" not in path.relative_to(ROOT).parts:
+            n = len(path.read_text().splitlines())
+            assert n <= 350, f"{path.relative_to(ROOT)} has {n} lines (limit 350)"
+        for name, n in _functions(path):
+            assert n <= 60, f"{path.relative_to(ROOT)}: {name} has {n} lines (limit 60)"
+
+
+def test_stage_scripts_run_without_dvc(tmp_path):
+    """Each stage script imports (and shows --help) with dvc and dvclive unimportable, as on a GPU machine."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\nclass _Block:\n    def find_spec(self, name, *a, **k):\n"
+        "        if name.split('.')[0] in ('dvc', 'dvclive'):\n            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for script in sorted((ROOT / "stages").glob("*.py")):
+        if script.stem in ("common", "live"):
+            continue
+        out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 0, f"{script.name}: {out.stderr[-500:]}"
+
+
+if __name__ == "__main__":
+    for p in deps_problems(ROOT):
+        print(p)
