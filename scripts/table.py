@@ -1,36 +1,40 @@
-"""Print the papers' kind of table (mean ± std over seeds) of every commit and experiment DVC knows.
+"""Print the papers' kind of table (mean ± std over seeds) of every commit and experiment DVC knows, next to the
+published figure of the same cell (docs/published.csv) and the difference.
 
-    python scripts/table.py                 # all commits and experiments (dvc exp show -A)
-    python scripts/table.py exp_show.json   # from a saved `dvc exp show -A --json`
-    python scripts/table.py --group-by classname base.model   # coarser rows
+    python scripts/table.py                                # all commits and experiments of this repository
+    python scripts/table.py --group-by classname setting protocol.n_anomalies protocol.known_class
+    python scripts/table.py --csv table.csv                # also write the table as CSV
 
-Runs with the same params (the group) and the same seed count once: the most recent one shown by DVC.
+Runs with the same params (the group) and the same seed count once: the most recent one DVC lists.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ahl.report import GROUP_BY, aggregate, format_table, runs_from_exp_show  # noqa: E402
+from ahl.report import GROUP_BY, aggregate, format_table, runs_from_rows, with_published  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("exp_show_json", nargs="?", help="a saved `dvc exp show -A --json` (default: run it)")
-    parser.add_argument("--group-by", nargs="+", default=list(GROUP_BY), help="params.yaml keys of a row")
+    parser.add_argument("--group-by", nargs="+", default=list(GROUP_BY), help="params of a row (dotted names)")
+    parser.add_argument("--csv", help="also write the table to this CSV file")
+    parser.add_argument("--repo", default=".", help="the DVC repository (default: .)")
     args = parser.parse_args()
-    if args.exp_show_json:
-        data = json.loads(Path(args.exp_show_json).read_text())
-    else:
-        cmd = [sys.executable, "-m", "dvc", "exp", "show", "-A", "--json", "--no-pager"]
-        data = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    print(format_table(aggregate(runs_from_exp_show(data), group_by=args.group_by)))
+    import dvc.api
+
+    runs = runs_from_rows(dvc.api.exp_show(repo=args.repo, all_commits=True))
+    if runs.empty:
+        print("(no runs with metrics)")
+        return
+    table = with_published(aggregate(runs, group_by=args.group_by))
+    print(format_table(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
 
 
 if __name__ == "__main__":

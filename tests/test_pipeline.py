@@ -50,7 +50,7 @@ class Repo:
 
     def __init__(self, path: Path, params: dict):
         self.path = path
-        for name in ("ahl", "stages"):
+        for name in ("ahl", "stages", "scripts", "docs"):
             shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -158,6 +158,8 @@ def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):
     assert "base.auc_roc" in changed and changed["base.auc_roc"]["old"] is not None
     shown = repo.dvc("exp", "show", "--json").stdout
     assert shown.count('"classname": "grass"') >= 1 and shown.count('"classname": "brick"') >= 1
+    table = repo.run(sys.executable, "scripts/table.py").stdout
+    assert "| brick | general | 2 |" in table and "| grass | general | 2 |" in table and "AHL(DRA)" in table
 
 
 def test_bad_classname_is_one_line_and_leaves_nothing(repo):

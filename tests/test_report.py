@@ -1,38 +1,55 @@
-"""Aggregation of runs into mean ± std tables, from the shape of `dvc exp show --json`."""
+"""The papers' table from runs: rows of dvc.api.exp_show -> mean ± std over seeds -> next to the published cell."""
 
 from __future__ import annotations
 
 import pytest
 
-from ahl.report import aggregate, format_table, runs_from_exp_show
+from ahl.report import aggregate, format_table, runs_from_rows, with_published
 
 
-def _node(name, rev, seed, model, auc, unseen=None):
-    metrics = {"model": model, "auc_roc": auc, "auc_pr": auc, "seen_auc_roc": auc}
+def _row(exp, rev, seed, auc, known_class=None, classname="elpv", m=10, unseen=None):
+    """A row as dvc.api.exp_show gives it: numbers as floats, None as "None", clashing keys prefixed."""
+    row = {
+        "Experiment": exp, "rev": rev, "typ": "branch_commit", "Created": None,
+        "results/metrics.json:classname": classname, "setting": "hard" if known_class else "general",
+        "n_anomalies": float(m), "results/metrics.json:base.model": "dra",
+        "base.auc_roc": auc, "base.auc_pr": auc, "base.seen_auc_roc": auc,
+        "ahl.model": "AHL(dra)", "ahl.auc_roc": auc + 0.01, "ahl.auc_pr": auc, "ahl.seen_auc_roc": auc,
+        "params.yaml:classname": classname, "seed": float(seed), "protocol.n_anomalies": float(m),
+        "protocol.known_class": str(known_class), "params.yaml:base.model": "dra", "ahl.weighting": "psi",
+        "backbone.name": "resnet18", "backbone.image_size": 448.0,
+    }  # fmt: skip
     if unseen is not None:
-        metrics["unseen_auc_roc"] = unseen
-    params = {"classname": "brick", "seed": seed, "protocol": {"n_anomalies": 5, "known_class": None}, "base": {"model": model}}
-    return {
-        "rev": rev, "name": name,
-        "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
-                 "metrics": {"results/metrics.json": {"data": {"base": metrics, "ahl": {**metrics, "model": f"AHL({model})"}}}}},
-    }
+        row["base.unseen_auc_roc"] = unseen
+    return row
 
 
-def test_aggregate_mean_std_over_seeds():
-    data = [
-        {**_node("main", "c0", 0, "dra", 0.9), "experiments": [
-            {"revs": [_node("exp-a", "e1", 1, "dra", 0.8, unseen=0.7)]},
-            {"revs": [_node("exp-b", "e2", 1, "dra", 0.8, unseen=0.7)]},  # same seed again: counted once
-        ]},
-        {"rev": "workspace", "name": "workspace", "data": {}},
+def test_mean_std_over_seeds_and_the_published_cell():
+    rows = [
+        {**_row(None, "workspace", 0, 0.5)},  # skipped: repeats a commit
+        _row(None, "main", 0, 0.80, unseen=0.7),
+        _row("exp-a", "e1", 1, 0.90),
+        _row("exp-b", "e2", 1, 0.90),  # the same seed again: counted once
     ]
-    runs = runs_from_exp_show(data)
-    assert sorted(r[0] for r in runs) == ["exp-a", "exp-b", "main"]
-    rows = aggregate(runs, group_by=("classname", "protocol.n_anomalies", "protocol.known_class", "base.model"))
-    dra = next(r for r in rows if r["model"] == "dra")
+    runs = runs_from_rows(rows)
+    assert len(runs) == 6 and set(runs["model"]) == {"DRA", "AHL(DRA)"}
+    assert runs["ahl.weighting"].iloc[0] == "psi"
+    table = with_published(aggregate(runs))
+    dra = table[table["model"] == "DRA"].iloc[0]
     assert dra["seeds"] == [0, 1]
-    assert dra["auc_roc"] == pytest.approx((0.85, 0.05, 2))
-    assert dra["unseen_auc_roc"] == pytest.approx((0.7, 0.0, 1))
-    table = format_table(rows)
-    assert "| brick | 5 | None | dra | AHL(dra) | [0, 1] | 0.850±0.050 |" in table
+    assert dra["auc_roc_mean"] == pytest.approx(0.85) and dra["auc_roc_std"] == pytest.approx(0.05)
+    assert dra["unseen_auc_roc_count"] == 1
+    # AHL Table 1, ELPV, M = 10: DRA 0.843 ± 0.002
+    assert dra["published"] == 0.843 and dra["difference"] == pytest.approx(0.85 - 0.843)
+    text = format_table(table)
+    assert "| elpv | general | 10 | - | resnet18 | 448 |" in text and "0.850±0.050 |" in text and "+0.007 |" in text
+
+
+def test_hard_setting_rows_and_their_mean_over_known_classes():
+    rows = [_row(None, f"r{k}{s}", s, auc, known_class=k) for k, auc in (("mono", 0.7), ("poly", 0.8)) for s in (0, 1)]
+    table = with_published(aggregate(runs_from_rows(rows)))
+    mean = table[(table["model"] == "AHL(DRA)") & (table["protocol.known_class"] == "mean")].iloc[0]
+    assert mean["auc_roc_mean"] == pytest.approx(0.76)
+    assert mean["published"] == 0.788  # AHL Table 2, ELPV hard, M = 10
+    per_class = table[(table["model"] == "DRA") & (table["protocol.known_class"] == "mono")].iloc[0]
+    assert per_class["auc_roc_mean"] == pytest.approx(0.7) and per_class.isna()["published"]

@@ -1,0 +1,114 @@
+"""One config path: every section of params.yaml through one strict loader; every mistake a one-line error."""
+
+from __future__ import annotations
+
+import copy
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ahl.config import from_params, load_yaml
+from ahl.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "stages"))
+from common import SECTIONS, Params  # noqa: E402
+
+CONFIGS = runpy.run_path(str(ROOT / "stages" / "resolve.py"))["CONFIGS"]
+COMMITTED = load_yaml(ROOT / "params.yaml")
+
+
+def test_every_section_of_the_committed_params_loads():
+    params = Params(copy.deepcopy(COMMITTED))
+    assert set(CONFIGS) == set(SECTIONS)
+    for name, cls in CONFIGS.items():
+        params.section(name, cls)
+
+
+def _first_scalar_key(section: dict) -> str:
+    return next(k for k, v in section.items() if not isinstance(v, dict))
+
+
+@pytest.mark.parametrize("name", SECTIONS)
+def test_a_typo_in_any_section_is_an_error_naming_it_and_the_nearest_key(name):
+    raw = copy.deepcopy(COMMITTED)
+    key = _first_scalar_key(raw[name])
+    typo = key[:-1] + ("x" if key[-1] != "x" else "y")
+    raw[name][typo] = raw[name].pop(key)
+    with pytest.raises(UserError, match=rf"unknown key {name}\.{typo} \(did you mean '{key}'\?\)"):
+        Params(raw).section(name, CONFIGS[name])
+
+
+@pytest.mark.parametrize("name", SECTIONS)
+def test_a_missing_key_in_any_section_is_an_error(name):
+    raw = copy.deepcopy(COMMITTED)
+    key = _first_scalar_key(raw[name])
+    del raw[name][key]
+    with pytest.raises(UserError, match=rf"missing key\(s\) {name}\.{key}"):
+        Params(raw).section(name, CONFIGS[name])
+
+
+def test_top_level_mistakes():
+    raw = copy.deepcopy(COMMITTED)
+    raw["sede"] = raw.pop("seed")
+    with pytest.raises(UserError, match=r"unknown key sede \(did you mean 'seed'\?\)"):
+        Params(raw)
+    for key, value in (("seed", "abc"), ("seed", -1), ("seed", True), ("classname", 3), ("device", 0)):
+        raw = copy.deepcopy(COMMITTED)
+        raw[key] = value
+        with pytest.raises(UserError, match=rf"params.yaml: {key} = "):
+            Params(raw)
+    raw = copy.deepcopy(COMMITTED)
+    del raw["evaluate"]
+    with pytest.raises(UserError, match="missing key.*evaluate"):
+        Params(raw)
+
+
+def test_yaml_reads_exponent_floats_as_dvc_does(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("a: 2e-4\nb: 1.5E+3\nc: 1e5\nd: '2e-4'\ne: 1_000\n")
+    assert load_yaml(path) == {"a": 2e-4, "b": 1500.0, "c": 1e5, "d": "2e-4", "e": 1000}
+    assert yaml.safe_load(path.read_text())["a"] == "2e-4"  # what plain YAML 1.1 would have given
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("features", "families", "draem", r"features.families = 'draem' is not a list of str"),
+        ("features", "batch_size", 0, r"features.batch_size must be >= 1"),
+        ("evaluate", "batch_size", 0, r"evaluate.batch_size must be >= 1"),
+        ("base", "lr", "fast", r"base.lr = 'fast' is not float"),
+        ("base", "epochs", 2.5, r"base.epochs = 2.5 is not int"),
+        ("ahl", "second_order", "yes", r"ahl.second_order = 'yes' is not bool"),
+        ("protocol", "known_class", 3, r"protocol.known_class = 3 is not str or null"),
+        ("backbone", "image_size", -1, r"backbone.image_size must be > 0"),
+    ],
+)
+def test_bad_values_name_the_key(section, key, value, message):
+    raw = copy.deepcopy(COMMITTED)
+    raw[section][key] = value
+    with pytest.raises(UserError, match=message):
+        Params(raw).section(section, CONFIGS[section])
+
+
+def test_a_section_that_is_not_a_mapping():
+    with pytest.raises(UserError, match="params.yaml: ahl.hadg must be a mapping"):
+        from_params(CONFIGS["ahl"], {**COMMITTED["ahl"], "hadg": 3}, "ahl")
+
+
+def test_a_stage_prints_one_line_and_exits_2(tmp_path):
+    raw = copy.deepcopy(COMMITTED)
+    raw["evaluate"]["batch_sise"] = raw["evaluate"].pop("batch_size")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "resolve.py"), "--params", str(tmp_path / "params.yaml")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?); known keys: batch_size"
+    ]
