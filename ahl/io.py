@@ -1,12 +1,15 @@
 """Atomic outputs: everything is written under a temporary name and renamed when complete.
 
 An interrupted stage therefore leaves either the previous output or nothing, never a half-written file
-that looks finished.
+that looks finished. A temporary name carries the writer's process id (``.<name>.<pid>.<random>.tmp``), so the
+next write of the same output removes what a killed writer left behind; finished outputs get the modes the
+umask gives (temporary files are created private). A full disk is a UserError naming the output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,12 +17,58 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from ahl.errors import UserError
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by writers that no longer run; returns what was removed."""
+    removed = []
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp*"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """The mode an ordinary open()/mkdir() would have given (mkstemp/mkdtemp create 0600/0700)."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    clean_stale(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the disk while writing {path}; free space and run again") from None
+        raise
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
@@ -47,8 +96,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = _tmp_sibling(path, path.suffix)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _disk_errors(path):
+            yield tmp
+            _publish_mode(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -59,11 +110,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``path``; on success it replaces ``path`` as a whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        remove(path)
-        os.replace(tmp, path)
+        with _disk_errors(path):
+            yield tmp
+            _publish_mode(tmp)
+            remove(path)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

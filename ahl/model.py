@@ -104,7 +104,7 @@ def _load(path: Path, stage: str) -> dict:
             ) from None
         raise UserError(f"{path} is not a readable checkpoint; rebuild it with `dvc repro -f {stage}`") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({exc}); rebuild it with `dvc repro -f {stage}`") from None
+        raise UserError(f"{path} is not a readable checkpoint ({exc}); rebuild it: `dvc repro -f {stage}`") from None
     if not isinstance(blob, dict) or blob.get("format") != 1 or not {"state_dict", "meta"} <= set(blob):
         raise UserError(f"{path} is not a checkpoint of this project; rebuild it with `dvc repro -f {stage}`")
     return blob

@@ -47,8 +47,9 @@ def _split(row: dict, metrics_file: str) -> tuple[dict, dict]:
         file, _, name = key.rpartition(":")
         head, _, rest = name.partition(".")
         is_metric = file == metrics_file or (
-            file == "" and ((head in ("base", "ahl") and (rest in MODEL_KEYS or rest.startswith(("per_class", "n_test"))))
-                            or name in TOP_KEYS[1:])
+            file == ""
+            and ((head in ("base", "ahl") and (rest in MODEL_KEYS or rest.startswith(("per_class", "n_test"))))
+                 or name in TOP_KEYS[1:])
         )  # fmt: skip
         (metrics if is_metric else params)[name] = _value(value)
     return params, metrics

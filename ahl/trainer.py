@@ -281,7 +281,9 @@ class AHLTrainer:
         for task, model, optimizer in zip(self.tasks, self.models, self.optimizers):
             model.train()
             task_loss = []
-            for b in self._batches(task.support_normals, task.support_anomalies, task.support_family, c.steps_per_epoch):
+            n = c.steps_per_epoch
+            batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n)
+            for b in batches:
                 features, labels = self.store.batch(b, split_of)
                 optimizer.zero_grad(set_to_none=True)
                 loss = model.loss(model(features, self.reference), labels)

@@ -25,11 +25,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ahl.cdl import AHLConfig, FeatureStore, _final_scores, adapt, query_loss, score, train_ahl  # noqa: E402
+from ahl.cdl import adapt, query_loss  # noqa: E402
 from ahl.features import FeatureCache, FeatureSet  # noqa: E402
 from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features  # noqa: E402
-from ahl.heads import NORMAL, PSEUDO, SEEN, build_heads  # noqa: E402
+from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
+from ahl.model import build_heads  # noqa: E402
 from ahl.runtime import resolve_device  # noqa: E402
+from ahl.scoring import final_scores, score_features  # noqa: E402
+from ahl.store import FeatureStore  # noqa: E402
+from ahl.trainer import AHLConfig, train_ahl  # noqa: E402
 
 FAMILIES = ("cutmix", "cutpaste", "draem")
 
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     config = AHLConfig()  # the paper's defaults: 6 tasks x 3 rounds x 20 steps x batch 48
     cache = synthetic_cache(args.normals, args.seen, 150, 512, (14, 7), seed=0)
     # as train_ahl runs them: channels_last conv weights and features (FeatureStore gathers channels_last)
-    heads = build_heads("dra", 512).to(device).to(memory_format=torch.channels_last).train()
+    heads = build_heads("dra", 512, topk=0.1, margin=5.0).to(device).to(memory_format=torch.channels_last).train()
     rate = matmul_rate(device)
 
     clusters = cluster_normals(pool_features(cache.train_normal.scales), HADGConfig(), seed=0)
@@ -164,10 +168,10 @@ def main(argv: list[str] | None = None) -> None:
 
     pool_n = len(np.concatenate(clusters)) + args.seen + 3 * config.pool_pseudo_per_family
     chunks = [[x[:1].expand(config.eval_batch_size, *x.shape[1:]).contiguous() for x in batch[0]]]
-    per_chunk = timed(lambda: _final_scores(heads, theta, buffers, chunks, ref), device, args.repeats)
+    per_chunk = timed(lambda: final_scores(heads, theta, buffers, chunks, ref), device, args.repeats)
     pool_time = per_chunk * pool_n / config.eval_batch_size
     rows.append((f"score psi's pool ({pool_n} samples) with one phi_i", pool_time, None))
-    test_time = timed(lambda: score(cache.test, heads, cache.reference, device, config.eval_batch_size), device, 1)
+    test_time = timed(lambda: score_features(cache.test, heads, cache.reference, device, config.eval_batch_size), device, 1)
     rows.append((f"score the test set ({len(cache.test)} images)", test_time, None))
 
     t = len(tasks)

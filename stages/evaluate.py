@@ -10,8 +10,8 @@ from live import live
 
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
-from ahl.errors import UserError
-from ahl.features import load_cache
+from ahl import provenance
+from ahl.features import INDEX, load_cache
 from ahl.io import atomic_path, read_json
 from ahl.metrics import EvaluateConfig, compute_metrics
 from ahl.model import load_checkpoint, load_heads
@@ -21,6 +21,7 @@ from ahl.scoring import score_features, score_images
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL = "cache/features", "models/ahl.pt"
 METRICS, SCORES, PLOTS = "results/metrics.json", "results/scores.csv", "results/evaluation"
+FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py"  # what reruns a stale input
 
 
 def curves_figure(labels: np.ndarray, scores: dict[str, np.ndarray], title: str):
@@ -45,15 +46,16 @@ def score_test_set(params: Params, split: Split, batch_size: int) -> tuple[dict[
     """Test-set scores of the base model (from images) and of AHL (from the cached features), and their names."""
     device = resolve_device(params.device)
     ckpt = load_checkpoint(ROOT / BASE, device)
+    provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
     files = [s.file for s in split.test]
     images = load_images(ROOT / DATA / split.classname, files, ckpt.meta["backbone"]["image_size"])
     scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size)[0]}
     names = {"base": ckpt.meta["model"]}
     if (ROOT / AHL).is_file():
         cache = load_cache(ROOT / CACHE)
-        if cache.test.files != files:
-            raise UserError(f"{CACHE} was built for another split; rerun the features stage (dvc repro)")
+        provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
         heads, meta = load_heads(ROOT / AHL)
+        provenance.check(AHL, meta.get("inputs"), TRAIN_AHL, base=ROOT / BASE, cache=ROOT / CACHE / INDEX)
         scores["ahl"] = score_features(cache.test, heads.to(device), cache.reference, device, batch_size)
         names["ahl"] = f"AHL({meta['model']})"
     return scores, names

@@ -7,6 +7,7 @@ from ahl.data.protocol import Split
 from ahl.features import CacheConfig, write_cache
 from ahl.io import read_json
 from ahl.model import load_checkpoint
+from ahl import provenance
 from ahl.runtime import resolve_device, show_progress
 
 DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
@@ -17,6 +18,7 @@ def main(params: Params) -> None:
     device = resolve_device(params.device)
     split = Split.from_dict(read_json(ROOT / SPLIT))
     ckpt = load_checkpoint(ROOT / BASE, device)
+    provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
     size = ckpt.meta["backbone"]["image_size"]
     root = ROOT / DATA / split.classname
 
@@ -24,13 +26,21 @@ def main(params: Params) -> None:
         files = [s.file for s in samples]
         return load_images(root, files, size), [s.label for s in samples], [s.cls for s in samples], files
 
-    splits = {"train_normal": part(split.train_normals), "train_anomaly": part(split.train_anomalies), "test": part(split.test)}
-    meta = {"classname": split.classname, "model": ckpt.meta["model"], "seen": [s.seen for s in split.test]}
+    splits = {
+        "train_normal": part(split.train_normals),
+        "train_anomaly": part(split.train_anomalies),
+        "test": part(split.test),
+    }
+    meta = {
+        "classname": split.classname, "model": ckpt.meta["model"], "seen": [s.seen for s in split.test],
+        "inputs": provenance.inputs(split=ROOT / SPLIT, base=ROOT / BASE),
+    }  # fmt: skip
     write_cache(
         ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
         seed=params.seed, device=device, progress=show_progress(), meta=meta,
     )  # fmt: skip
-    print(f"cached features of {sum(len(p[0]) for p in splits.values())} images + {len(config.families)} families in {OUT}")
+    n_images = sum(len(p[0]) for p in splits.values())
+    print(f"cached features of {n_images} images + {len(config.families)} families in {OUT}")
 
 
 if __name__ == "__main__":

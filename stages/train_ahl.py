@@ -10,7 +10,8 @@ import numpy as np
 from common import ROOT, Params, run
 from live import live
 
-from ahl.features import load_cache
+from ahl import provenance
+from ahl.features import INDEX, load_cache
 from ahl.metrics import auc_roc_pr
 from ahl.model import load_checkpoint, save_heads
 from ahl.runtime import resolve_device, show_progress
@@ -25,6 +26,7 @@ def main(params: Params) -> None:
     device = resolve_device(params.device)
     cache = load_cache(ROOT / CACHE)
     base = load_checkpoint(ROOT / BASE, "cpu")
+    provenance.check(CACHE, cache.meta.get("inputs"), "python stages/features.py", base=ROOT / BASE)
     model = base.meta["model"]
     print(
         f"AHL({model}) on {len(cache.train_normal)} normals, {len(cache.train_anomaly)} seen anomalies, "
@@ -57,6 +59,7 @@ def main(params: Params) -> None:
             "ahl": config.to_dict(),
             "clusters": [c.tolist() for c in result.clusters],
             "tasks": len(result.tasks),
+            "inputs": provenance.inputs(base=ROOT / BASE, cache=ROOT / CACHE / INDEX),
             # no wall times: the output must be byte-identical for the same inputs (they are in the log)
             "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
         }

@@ -6,6 +6,7 @@ from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.io import read_json
 from ahl.model import BackboneConfig, save_checkpoint
+from ahl.provenance import inputs
 from ahl.runtime import resolve_device, show_progress
 from ahl.train import BaseConfig, train_base
 
@@ -24,6 +25,7 @@ def main(params: Params) -> None:
     ckpt = train_base(normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress())
     ckpt.meta["reference_files"] = [split.train_normals[i].file for i in ckpt.meta["reference_index"]]
     ckpt.meta["classname"] = split.classname
+    ckpt.meta["inputs"] = inputs(split=ROOT / SPLIT)
     save_checkpoint(ROOT / OUT, ckpt)
 
 

@@ -178,3 +178,17 @@ def test_stage_runs_as_plain_python_without_dvc(repo, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "n_anomalies=99" in lines[0]
     assert (repo.path / "data/split.json").read_text() == before  # no partial output
+
+
+def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
+    """split.py by hand with another M, then evaluate.py: the models were trained on the old split, so evaluate
+    refuses instead of writing metrics that claim the new M; `dvc repro` brings everything back in line."""
+    other = tmp_path / "params.yaml"
+    other.write_text(yaml.safe_dump(tiny_params({"protocol": {"n_anomalies": 1, "test_set_m": 2}})))
+    before = (repo.path / "results/metrics.json").read_text()
+    assert repo.run(sys.executable, "stages/split.py", "--params", str(other)).returncode == 0
+    res = repo.run(sys.executable, "stages/evaluate.py", "--params", str(other), check=False)
+    assert res.returncode == 2
+    assert "error: models/base.pt was made from another " in res.stderr and "dvc repro" in res.stderr
+    assert (repo.path / "results/metrics.json").read_text() == before
+    assert repo.ran(repo.dvc("repro").stdout) == {"split"}  # the split comes back; nothing else had changed
