@@ -52,36 +52,47 @@ class FeatureCache:
         return len(self.reference)
 
 
-def _split_names(index: dict) -> list[str]:
-    return list(index["splits"].keys())
-
-
 def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
     """Open a cache written by ``write_cache``; arrays are memory-mapped unless ``mmap`` is False."""
     path = Path(path)
     index_file = path / INDEX
+    broken = "rebuild it with `dvc repro -f features` (or `python stages/features.py`)"
     if not index_file.is_file():
-        raise UserError(f"{path} is not a complete feature cache (no {INDEX}); rerun the features stage")
-    index = read_json(index_file)
-    n_scales = index["n_scales"]
+        raise UserError(f"{path} is not a complete feature cache (no {INDEX}); {broken}")
+    try:
+        index = read_json(index_file)
+        n_scales = int(index["n_scales"])
+        names = list(index["splits"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{index_file} is corrupt ({type(exc).__name__}: {exc}); {broken}") from None
     mode = "r" if mmap else None
+
+    def array(file: Path) -> np.ndarray:
+        try:
+            return np.load(file, mmap_mode=mode)
+        except (OSError, ValueError, EOFError) as exc:  # missing, truncated or not an .npy
+            raise UserError(f"{file} is unreadable ({exc}); {broken}") from None
 
     def load(name: str) -> FeatureSet:
         entry = index["splits"][name]
+        scales = [array(path / f"{name}.s{s}.npy") for s in range(n_scales)]
+        if any(len(x) != len(entry["labels"]) for x in scales):
+            rows = [len(x) for x in scales]
+            raise UserError(f"{path}: {name} has {rows} rows for {len(entry['labels'])} labels; {broken}")
         return FeatureSet(
-            scales=[np.load(path / f"{name}.s{s}.npy", mmap_mode=mode) for s in range(n_scales)],
+            scales=scales,
             labels=np.asarray(entry["labels"], dtype=np.int64),
             classes=list(entry["classes"]),
             files=list(entry["files"]),
         )
 
-    families = [n.removeprefix("pseudo_") for n in _split_names(index) if n.startswith("pseudo_")]
+    families = [n.removeprefix("pseudo_") for n in names if n.startswith("pseudo_")]
     return FeatureCache(
         train_normal=load("train_normal"),
         train_anomaly=load("train_anomaly"),
         pseudo={f: load(f"pseudo_{f}") for f in families},
         test=load("test"),
-        reference=[np.load(path / f"reference.s{s}.npy").astype(np.float32) for s in range(n_scales)],
+        reference=[np.asarray(array(path / f"reference.s{s}.npy"), dtype=np.float32) for s in range(n_scales)],
         meta=index.get("meta", {}),
     )
 

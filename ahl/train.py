@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ahl.augment import cutpaste
 from ahl.backbones import to_input
-from ahl.config import positive
+from ahl.config import at_least, positive
+from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
 
@@ -44,8 +45,14 @@ class BaseConfig:
 
     def __post_init__(self) -> None:
         get_model(self.model)
-        for name in ("epochs", "steps_per_epoch", "batch_size", "lr", "n_ref", "topk"):
+        for name in ("epochs", "steps_per_epoch", "batch_size", "lr", "n_ref", "topk", "margin", "lr_step", "lr_gamma"):
             positive(f"base.{name}", getattr(self, name))
+        for name in ("weight_decay", "rotation"):
+            at_least(f"base.{name}", getattr(self, name), 0)
+        if self.topk > 1:
+            raise UserError(f"params.yaml: base.topk = {self.topk} is a fraction of positions: use a value in (0, 1]")
+        if not 0 <= self.pseudo_prob <= 1:
+            raise UserError(f"params.yaml: base.pseudo_prob = {self.pseudo_prob} is a probability: use [0, 1]")
         if self.batch_size < 4:
             positive("base.batch_size - 3", self.batch_size - 3)
 

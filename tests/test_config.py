@@ -86,6 +86,11 @@ def test_yaml_reads_exponent_floats_as_dvc_does(tmp_path):
         ("ahl", "second_order", "yes", r"ahl.second_order = 'yes' is not bool"),
         ("protocol", "known_class", 3, r"protocol.known_class = 3 is not str or null"),
         ("backbone", "image_size", -1, r"backbone.image_size must be > 0"),
+        ("base", "topk", 2.0, r"base.topk = 2.0 is a fraction of positions"),
+        ("base", "lr_step", 0, r"base.lr_step must be > 0"),
+        ("base", "pseudo_prob", 1.5, r"base.pseudo_prob = 1.5 is a probability"),
+        ("ahl", "lr_step", 0, r"ahl.lr_step must be >= 1"),
+        ("ahl", "outer_steps_per_epoch", 3, r"must divide ahl.steps_per_epoch"),
     ],
 )
 def test_bad_values_name_the_key(section, key, value, message):

@@ -90,3 +90,19 @@ def test_cache_config_errors():
         CacheConfig(families=("draem",))
     with pytest.raises(UserError, match="float16 or float32"):
         CacheConfig(dtype="int8")
+
+
+def test_a_corrupt_or_truncated_cache_is_a_one_line_error(small_dataset, model, tmp_path):
+    reference = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
+    config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=8)
+    write_cache(tmp_path / "c", model, reference, _splits(small_dataset), config, seed=0, device="cpu")
+    index = tmp_path / "c" / "index.json"
+    good = index.read_text()
+    index.write_text(good[: len(good) // 2])
+    with pytest.raises(UserError, match=r"index.json is corrupt .*dvc repro -f features"):
+        load_cache(tmp_path / "c")
+    index.write_text(good)
+    npy = tmp_path / "c" / "test.s0.npy"
+    npy.write_bytes(npy.read_bytes()[:200])
+    with pytest.raises(UserError, match=r"test.s0.npy is unreadable .*dvc repro -f features"):
+        load_cache(tmp_path / "c")
