@@ -11,7 +11,10 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ahl.data import converters as conv
-from ahl.data.converters import CONVERTERS, elpv_package_dir
+from ahl.data.datasets import DATASETS, resolve
+from ahl.data.download import obtain
+from ahl.data.embedded import EmbeddedConfig, build_embedded
+from ahl.data.mvtec import read_subset
 from ahl.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -173,7 +176,15 @@ def make_hyperkvasir(raw: Path) -> Path:
     return raw
 
 
+def make_embedded(raw: Path) -> Path:
+    build_embedded(raw, EmbeddedConfig(image_size=64, n_train=4, n_test_good=2, n_per_defect=1, seed=0), ["brick"])
+    return raw
+
+
+# Every registered dataset -> (its raw fixture, a subset the fixture holds); test_every_dataset_has_a_fixture
+# keeps this in step with the registry.
 FIXTURES = {
+    "embedded": (make_embedded, "brick"),
     "mvtec": (make_mvtec, "bottle"),
     "aitex": (make_aitex, "AITEX"),
     "sdd": (make_sdd, "SDD"),
@@ -186,9 +197,23 @@ FIXTURES = {
 }
 
 
+def _converter(name: str):
+    return DATASETS[name].converter
+
+
 # ---------------------------------------------------------------------------------------------- per dataset
-def test_registry_has_every_dataset():
-    assert set(CONVERTERS) == set(FIXTURES)
+def test_every_dataset_has_a_fixture():
+    assert set(FIXTURES) == set(DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_registered_converter_converts_its_fixture(name, tmp_path):
+    """The converter an entry names reads that dataset's raw layout: a wrong or swapped converter fails here."""
+    make, subset = FIXTURES[name]
+    DATASETS[name].convert(make(tmp_path / "raw"), tmp_path / "out", seed=42)
+    converted = read_subset(tmp_path / "out", subset)  # the MVTec layout, checked
+    assert converted.train_good and converted.test_good and converted.anomalies
+    assert resolve(subset).dataset == name
 
 
 def test_mvtec_links_every_category(tmp_path):
@@ -374,9 +399,9 @@ def test_hyperkvasir(tmp_path):
 def test_deterministic_and_overwrites(name, tmp_path):
     make, _ = FIXTURES[name]
     raw = make(tmp_path / "raw")
-    CONVERTERS[name](raw, tmp_path / "a", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=42)  # a second run replaces the first as a whole
+    _converter(name)(raw, tmp_path / "a", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=42)  # a second run replaces the first as a whole
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "raw"]  # no temporary left
 
@@ -385,8 +410,8 @@ def test_deterministic_and_overwrites(name, tmp_path):
 def test_seed_changes_the_normal_split(name, tmp_path):
     make, subset = FIXTURES[name]
     raw = make(tmp_path / "raw")
-    CONVERTERS[name](raw, tmp_path / "a", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=7)
+    _converter(name)(raw, tmp_path / "a", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=7)
     a, b = _layout(tmp_path / "a" / subset), _layout(tmp_path / "b" / subset)
     assert a["test/good"] != b["test/good"]
     assert {k: v for k, v in a.items() if "good" not in k} == {k: v for k, v in b.items() if "good" not in k}
@@ -395,10 +420,12 @@ def test_seed_changes_the_normal_split(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_missing_raw_folder_is_a_user_error(name, tmp_path):
     (tmp_path / "raw").mkdir()
+    dataset = DATASETS[name]
     with pytest.raises(UserError) as err:
-        CONVERTERS[name](tmp_path / "raw", tmp_path / "out")
+        dataset.convert(tmp_path / "raw", tmp_path / "out", seed=42)
     message = str(err.value)
-    assert str(tmp_path / "raw") in message and "Expected raw layout" in message and "comes from" in message
+    assert str(tmp_path / "raw") in message and f"Expected raw layout: {dataset.raw_layout}" in message
+    assert dataset.homepage in message
     assert not (tmp_path / "out").exists()
 
 
@@ -415,14 +442,16 @@ def test_missing_sub_folder_names_it(name, remove, tmp_path):
     raw = make(tmp_path / "raw")
     shutil.rmtree(raw / remove)
     with pytest.raises(UserError, match=Path(remove).name):
-        CONVERTERS[name](raw, tmp_path / "out")
+        _converter(name)(raw, tmp_path / "out", seed=42)
     assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- real ELPV
-@pytest.mark.skipif(elpv_package_dir() is None, reason="elpv-dataset is not installed")
 def test_real_elpv_counts_match_the_papers(tmp_path):
-    conv.convert_elpv(elpv_package_dir(), tmp_path / "out")
+    pytest.importorskip("elpv_dataset")
+    raw = tmp_path / "raw"
+    obtain(DATASETS["elpv"].source(resolve("elpv").source), raw, downloads=tmp_path / "downloads", progress=False)
+    conv.convert_elpv(raw, tmp_path / "out")
     lay = _layout(tmp_path / "out" / "elpv")
     counts = {k: len(v) for k, v in lay.items()}
     assert counts == {"train/good": 1131, "test/good": 377, "test/mono": 313, "test/poly": 402}  # 715 anomalies

@@ -7,59 +7,30 @@ sorted before the 3:1 split of the normals, so the split no longer depends on th
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import math
 import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-from ahl.errors import UserError
+from ahl.data.mvtec import IMAGE_SUFFIXES
+from ahl.errors import RawDataError, UserError
 from ahl.io import atomic_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 TEST_SIZE = 0.25  # normals split 3:1 train/test, as in the official convert scripts
 _JUNK_DIRS = frozenset({"__MACOSX"})  # folders that zip tools on macOS add next to the real ones
-
-# Where each raw dataset comes from and what its unpacked layout looks like: shown when something is missing.
-_LAYOUT = {
-    "mvtec": "<category>/train/good/*.png, <category>/test/<defect>/*.png, <category>/ground_truth/<defect>/"
-    "*_mask.png, one folder per category (possibly inside mvtec_anomaly_detection/)",
-    "aitex": "NODefect_images/<fabric>/*.png, Defect_images/Defect_images/NNNN_CCC_NN.png and "
-    "Mask_images/Mask_images/NNNN_CCC_NN_mask.png",
-    "sdd": "kosNN/PartK.jpg with its label kosNN/PartK_label.bmp next to it",
-    "elpv": "labels.csv (whitespace-separated: images/cellNNNN.png probability type) and images/",
-    "optical": "Class1 .. Class10, each with .../Train/ and .../Test/ holding the images and "
-    "Label/Labels.txt (DAGM 2007 label files)",
-    "mastcam": "train_typical/*, test_typical/* and test_novel/<class>/*",
-    "brainmri": "no/* (normal scans) and yes/* (tumour scans)",
-    "headct": "labels.csv (columns id, hemorrhage) and head_ct/head_ct/NNN.png",
-    "hyperkvasir": "upper-gi-tract/anatomical-landmarks/<landmark>/*.jpg and "
-    "upper-gi-tract/pathological-findings/<finding>/*.jpg (from labeled-images/)",
-}
-_SOURCE = {
-    "mvtec": "MVTec AD, https://www.mvtec.com/company/research/datasets/mvtec-ad (licence form; tinyurl.com/mvtecad)",
-    "aitex": "the AITEX Fabric Image Database (tinyurl.com/aitex-defect)",
-    "sdd": "KolektorSDD, https://www.vicos.si/resources/kolektorsdd/ (tinyurl.com/KolektorSDD)",
-    "elpv": "`pip install elpv-dataset` or https://github.com/zae-bayern/elpv-dataset (tinyurl.com/elpv-crack)",
-    "optical": "the DAGM 2007 competition data set, e.g. Kaggle "
-    "'mhskjelvareid/dagm-2007-competition-dataset-optical-inspection' (tinyurl.com/optical-defect)",
-    "mastcam": "the Mastcam novelty-detection data set of Kerner et al. (tinyurl.com/mastcam)",
-    "brainmri": "Kaggle 'navoneel/brain-mri-images-for-brain-tumor-detection' (tinyurl.com/brainMRI-tumor)",
-    "headct": "Kaggle 'felipekitamura/head-ct-hemorrhage' (tinyurl.com/headCT-tumor)",
-    "hyperkvasir": "Hyper-Kvasir labeled images, https://datasets.simula.no/hyper-kvasir/ (tinyurl.com/hyper-kvasir)",
-}
 
 # AITEX: the defect code is the second field of a file name such as 0001_002_00.png (official DRA table).
 AITEX_DEFECT_CLASSES = {
@@ -70,10 +41,10 @@ AITEX_DEFECT_CLASSES = {
 
 
 # --------------------------------------------------------------------------------------------- raw-layout search
-def _layout_error(dataset: str, raw: Path, missing: str) -> UserError:
-    return UserError(
-        f"{dataset}: {missing} (looked under {raw}). Expected raw layout: {_LAYOUT[dataset]}. "
-        f"The data comes from {_SOURCE[dataset]}; unpack it under {raw} and run the stage again."
+def _layout_error(dataset: str, raw: Path, missing: str) -> RawDataError:
+    # The dataset entry (registry.Dataset.convert) adds the layout it expects and where the data comes from.
+    return RawDataError(
+        f"{dataset}: {missing} (looked under {raw}).", f"Unpack it under {raw} and run the stage again."
     )
 
 
@@ -625,31 +596,3 @@ def convert_hyperkvasir(raw: Path, out: Path, *, seed: int = 42) -> None:
             for src in _progress(files, f"hyperkvasir {cls}"):
                 _place(src, subset / "test" / cls)
         _log_counts(subset)
-
-
-CONVERTERS: dict[str, Callable[..., None]] = {
-    "mvtec": convert_mvtec,
-    "aitex": convert_aitex,
-    "sdd": convert_sdd,
-    "elpv": convert_elpv,
-    "optical": convert_optical,
-    "mastcam": convert_mastcam,
-    "brainmri": convert_brainmri,
-    "headct": convert_headct,
-    "hyperkvasir": convert_hyperkvasir,
-}
-
-
-def elpv_package_dir() -> Path | None:
-    """The folder holding ``labels.csv`` and ``images/`` of the installed ``elpv-dataset`` package, else None."""
-    try:
-        spec = importlib.util.find_spec("elpv_dataset")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        data = Path(location) / "data"
-        if (data / "labels.csv").is_file() and (data / "images").is_dir():
-            return data
-    return None

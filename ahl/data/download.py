@@ -433,17 +433,17 @@ def _filename(source: registry.Source) -> str:
     return source.key
 
 
-def _expected_sha256(source: registry.Source, path: Path, known: dict[str, str]) -> tuple[str | None, bool]:
+def _expected_sha256(source: registry.Source, path: Path) -> tuple[str | None, bool]:
     """(the hash to check ``path`` against, whether a mismatch is an error) for a file given as ``local``."""
-    if path.name in known:
-        return known[path.name], True
+    if path.name in source.other_archives:
+        return source.other_archives[path.name], True
     if path.name == _filename(source):
         return source.sha256, True
     return source.sha256, False
 
 
-def _verify_local(source: registry.Source, path: Path, known: dict[str, str], progress: bool) -> None:
-    expected, strict = _expected_sha256(source, path, known)
+def _verify_local(source: registry.Source, path: Path, progress: bool) -> None:
+    expected, strict = _expected_sha256(source, path)
     if strict or expected is None:
         verify_file(path, expected, progress=progress)
         return
@@ -476,21 +476,18 @@ def obtain(
     ``mirror or source.url`` to ``downloads/<filename>``. ``mirror`` is a full URL, or a base URL ending in
     ``/`` to which the file name is appended.
     """
-    from ahl.data import datasets  # the per-source layout hints; imported here to keep import order simple
-
     raw_dir, downloads = Path(raw_dir), Path(downloads)
-    layout = datasets.RAW_LAYOUTS.get(source.key, datasets.RawLayout())
-    unpack = {"members_under": layout.members_under, "marker": layout.marker, "progress": progress}
+    unpack = {"members_under": source.members_under, "marker": source.marker, "progress": progress}
 
     if local is not None:
         local = Path(local).expanduser()
         if not local.exists():
             raise UserError(f"data.local = {local.resolve()} does not exist: give an existing archive or folder")
         if local.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(local, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(local, tmp), source.marker)
             log.info("copied the folder %s into %s (%s)", local, raw_dir, source.key)
         else:
-            _verify_local(source, local, datasets.KNOWN_ARCHIVES, progress)
+            _verify_local(source, local, progress)
             _unpack(local, raw_dir, **unpack)
         return
 
@@ -501,7 +498,7 @@ def obtain(
                 version = importlib.metadata.version(source.package)
             except importlib.metadata.PackageNotFoundError:
                 version = "?"
-            _install(raw_dir, lambda tmp: _copy_tree(data, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(data, tmp), source.marker)
             log.info(
                 "copied %s from the installed package %s %s into %s (no network)",
                 data,
@@ -522,7 +519,7 @@ def obtain(
                 f"Put it at {path.resolve()} and run again (or give an archive or an extracted folder as `data.local` in params.yaml)."
             )
         if path.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(path, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(path, tmp), source.marker)
             log.info("copied the folder %s you placed into %s", path, raw_dir)
         else:
             verify_file(path, source.sha256, progress=progress)

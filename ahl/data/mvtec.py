@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ahl.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the one list: converters and readers use it
 GOOD = "good"
 
 
@@ -35,14 +35,6 @@ class Subset:
     @property
     def anomaly_classes(self) -> list[str]:
         return sorted(self.anomalies)
-
-    def mask_of(self, file: str) -> Path | None:
-        """The ground-truth mask of an anomaly file, when the dataset has one."""
-        parts = Path(file).parts  # ("test", class, name)
-        if len(parts) != 3:
-            return None
-        mask = self.root / "ground_truth" / parts[1] / f"{Path(parts[2]).stem}_mask.png"
-        return mask if mask.is_file() else None
 
 
 def _images_in(folder: Path, what: str, fix: str) -> list[Path]:
