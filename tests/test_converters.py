@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,10 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ahl.data import converters as conv
-from ahl.data.converters import CONVERTERS, elpv_package_dir
+from ahl.data.datasets import DATASETS, resolve
+from ahl.data.download import obtain
+from ahl.data.embedded import EmbeddedConfig, build_embedded
+from ahl.data.mvtec import load_image, read_subset
 from ahl.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -173,7 +178,15 @@ def make_hyperkvasir(raw: Path) -> Path:
     return raw
 
 
+def make_embedded(raw: Path) -> Path:
+    build_embedded(raw, EmbeddedConfig(image_size=64, n_train=4, n_test_good=2, n_per_defect=1, seed=0), ["brick"])
+    return raw
+
+
+# Every registered dataset -> (its raw fixture, a subset the fixture holds); test_every_dataset_has_a_fixture
+# keeps this in step with the registry.
 FIXTURES = {
+    "embedded": (make_embedded, "brick"),
     "mvtec": (make_mvtec, "bottle"),
     "aitex": (make_aitex, "AITEX"),
     "sdd": (make_sdd, "SDD"),
@@ -186,9 +199,23 @@ FIXTURES = {
 }
 
 
+def _converter(name: str):
+    return DATASETS[name].converter
+
+
 # ---------------------------------------------------------------------------------------------- per dataset
-def test_registry_has_every_dataset():
-    assert set(CONVERTERS) == set(FIXTURES)
+def test_every_dataset_has_a_fixture():
+    assert set(FIXTURES) == set(DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_registered_converter_converts_its_fixture(name, tmp_path):
+    """The converter an entry names reads that dataset's raw layout: a wrong or swapped converter fails here."""
+    make, subset = FIXTURES[name]
+    DATASETS[name].convert(make(tmp_path / "raw"), tmp_path / "out", seed=42)
+    converted = read_subset(tmp_path / "out", subset)  # the MVTec layout, checked
+    assert converted.train_good and converted.test_good and converted.anomalies
+    assert resolve(subset).dataset == name
 
 
 def test_mvtec_links_every_category(tmp_path):
@@ -374,9 +401,9 @@ def test_hyperkvasir(tmp_path):
 def test_deterministic_and_overwrites(name, tmp_path):
     make, _ = FIXTURES[name]
     raw = make(tmp_path / "raw")
-    CONVERTERS[name](raw, tmp_path / "a", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=42)  # a second run replaces the first as a whole
+    _converter(name)(raw, tmp_path / "a", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=42)  # a second run replaces the first as a whole
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "raw"]  # no temporary left
 
@@ -385,8 +412,8 @@ def test_deterministic_and_overwrites(name, tmp_path):
 def test_seed_changes_the_normal_split(name, tmp_path):
     make, subset = FIXTURES[name]
     raw = make(tmp_path / "raw")
-    CONVERTERS[name](raw, tmp_path / "a", seed=42)
-    CONVERTERS[name](raw, tmp_path / "b", seed=7)
+    _converter(name)(raw, tmp_path / "a", seed=42)
+    _converter(name)(raw, tmp_path / "b", seed=7)
     a, b = _layout(tmp_path / "a" / subset), _layout(tmp_path / "b" / subset)
     assert a["test/good"] != b["test/good"]
     assert {k: v for k, v in a.items() if "good" not in k} == {k: v for k, v in b.items() if "good" not in k}
@@ -395,10 +422,13 @@ def test_seed_changes_the_normal_split(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_missing_raw_folder_is_a_user_error(name, tmp_path):
     (tmp_path / "raw").mkdir()
+    dataset = DATASETS[name]
     with pytest.raises(UserError) as err:
-        CONVERTERS[name](tmp_path / "raw", tmp_path / "out")
+        dataset.convert(tmp_path / "raw", tmp_path / "out", seed=42)
     message = str(err.value)
-    assert str(tmp_path / "raw") in message and "Expected raw layout" in message and "comes from" in message
+    assert str(tmp_path / "raw") in message and f"Expected raw layout: {dataset.raw_layout}" in message
+    assert dataset.homepage in message
+    assert "dvc repro -f download" in message if dataset.build else "data.local" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -415,14 +445,106 @@ def test_missing_sub_folder_names_it(name, remove, tmp_path):
     raw = make(tmp_path / "raw")
     shutil.rmtree(raw / remove)
     with pytest.raises(UserError, match=Path(remove).name):
-        CONVERTERS[name](raw, tmp_path / "out")
+        _converter(name)(raw, tmp_path / "out", seed=42)
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------- messages point outside DVC outputs
+# An instruction to put files somewhere, followed (in the same clause) by a pipeline output folder.
+WRITE_INTO_OUTPUT = re.compile(
+    r"\b(unpack|put|place|copy|extract|move|save|write|add|replace|delete|remove)\b[^.;:]*\bdata/(raw|mvtec)\b",
+    re.IGNORECASE,
+)
+
+
+def _bad_raw_cases(raw: Path) -> list[tuple[str, Path]]:
+    """(dataset, raw folder) pairs, each made wrong in one way, under a folder named like the pipeline's."""
+    cases = []
+    for name in sorted(FIXTURES):
+        (raw / f"empty-{name}").mkdir(parents=True)
+        cases.append((name, raw / f"empty-{name}"))  # nothing there
+    brain = make_brainmri(raw / "unreadable")
+    (brain / "brain_tumor_dataset/yes/Y9.jpg").write_bytes(b"not an image")
+    sdd = make_sdd(raw / "label-size")
+    _mask(sdd / "KolektorSDD/kos01/Part0_label.bmp", 10, 10, slice(0, 0), slice(0, 0))
+    elpv = make_elpv(raw / "bad-labels")
+    (elpv / "elpv-dataset/labels.csv").write_text("images/cell0001.png nonsense\n")
+    headct = make_headct(raw / "missing-image")
+    (headct / "head_ct/head_ct/000.png").unlink()
+    make_mvtec(raw / "twice" / "a")
+    make_mvtec(raw / "twice" / "b")
+    return cases + [("brainmri", brain), ("sdd", sdd), ("elpv", elpv), ("headct", headct), ("mvtec", raw / "twice")]
+
+
+def test_raw_data_errors_point_at_data_local_never_into_the_outputs(tmp_path):
+    """Files put into data/raw or data/mvtec are deleted by the next `dvc repro`: no message may send users there."""
+    data = tmp_path / "data"
+    for name, raw in _bad_raw_cases(data / "raw"):
+        if DATASETS[name].build is not None:  # built, not the user's to fix (see test_missing_raw_folder_...)
+            continue
+        for convert in (DATASETS[name].convert, DATASETS[name].converter):
+            with pytest.raises(UserError) as err:
+                convert(raw, data / "mvtec", seed=42)
+            message = str(err.value).replace(str(tmp_path), "")
+            assert "data/raw" in message, message  # the raw file or folder is named ...
+            assert not WRITE_INTO_OUTPUT.search(message), message  # ... but not as a place to put files
+            assert "data.local" in message and "downloads" in message, message
+            assert "\n" not in message
+
+
+def test_unreadable_converted_image_says_rebuild_not_edit(tmp_path):
+    bad = tmp_path / "data" / "mvtec" / "brick" / "train" / "good" / "000.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError) as err:
+        load_image(bad, 32)
+    message = str(err.value).replace(str(tmp_path), "")
+    assert "/data/mvtec/brick/train/good/000.png" in message and not WRITE_INTO_OUTPUT.search(message)
+    assert "dvc repro -f convert" in message and "data.local" in message
+
+
+def test_log_counts_only_images(tmp_path, caplog):
+    raw = make_mvtec(tmp_path / "raw")
+    good = raw / "mvtec_anomaly_detection" / "bottle" / "train" / "good"
+    (good / "Thumbs.db").write_bytes(b"junk")
+    (good / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.INFO, logger="ahl.data.converters"):
+        conv.convert_mvtec(raw, tmp_path / "out")
+    assert "bottle: train/good 4, test/good 2, anomalies 2 in 1 classes (broken_large 2)" in caplog.text
+    assert (tmp_path / "out/bottle/train/good/notes.txt").is_file()  # still linked, only not counted
+
+
+# ------------------------------------------------------------------------------------------- 16-bit images
+def _gradient16(path: Path) -> np.ndarray:
+    """A 16-bit grey ramp over the full range, written by PIL: 64 x 256, column j = j * 257."""
+    ramp = np.tile((np.arange(256, dtype=np.uint16) * 257)[None, :], (64, 1))
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    return ramp
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_raw_images_keep_their_gradient(suffix, tmp_path):
+    raw = make_brainmri(tmp_path / "raw")
+    for name in BRAIN_NORMALS:
+        (raw / "brain_tumor_dataset/no" / name).unlink()
+        _gradient16((raw / "brain_tumor_dataset/no" / name).with_suffix(suffix))
+    conv.convert_brainmri(raw, tmp_path / "out")
+    written = sorted((tmp_path / "out/brainmri").glob("t*/good/*.png"))
+    assert len(written) == len(BRAIN_NORMALS)
+    for path in written:
+        with Image.open(path) as img:
+            assert img.mode == "L"  # 8 bits, scaled: column j of the ramp is j
+            assert np.array_equal(np.asarray(img)[0], np.arange(256))
+        assert load_image(path, 256)[0, :, 0].tolist() == list(range(256))
+
+
 # ---------------------------------------------------------------------------------------------- real ELPV
-@pytest.mark.skipif(elpv_package_dir() is None, reason="elpv-dataset is not installed")
 def test_real_elpv_counts_match_the_papers(tmp_path):
-    conv.convert_elpv(elpv_package_dir(), tmp_path / "out")
+    pytest.importorskip("elpv_dataset")
+    raw = tmp_path / "raw"
+    obtain(DATASETS["elpv"].source(resolve("elpv").source), raw, downloads=tmp_path / "downloads", progress=False)
+    conv.convert_elpv(raw, tmp_path / "out")
     lay = _layout(tmp_path / "out" / "elpv")
     counts = {k: len(v) for k, v in lay.items()}
     assert counts == {"train/good": 1131, "test/good": 377, "test/mono": 313, "test/poly": 402}  # 715 anomalies

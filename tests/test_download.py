@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ahl.data import download, registry
+from ahl.data import datasets, download
 from ahl.data.download import fetch, obtain, safe_extract, sha256_file
 from ahl.data.registry import Source
 from ahl.errors import UserError
@@ -348,8 +348,13 @@ def test_damaged_archive_is_a_user_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ obtain
+def _source_of(classname: str) -> Source:
+    selection = datasets.resolve(classname)
+    return datasets.get_source(datasets.get_dataset(selection.dataset), selection.source)
+
+
 def test_obtain_manual_missing_names_the_absolute_path(tmp_path: Path) -> None:
-    source = registry.source_of(registry.resolve("headct"))
+    source = _source_of("headct")
     downloads = tmp_path / "downloads"
     with pytest.raises(UserError) as err:
         obtain(source, tmp_path / "raw", downloads=downloads, progress=False)
@@ -365,12 +370,12 @@ def test_obtain_manual_archive_is_verified_and_extracted(tmp_path: Path) -> None
     members = [("wrap/labels.csv", b"id,hemorrhage\n"), ("wrap/head_ct/head_ct/000.png", b"p")]
     archive = _zip(downloads / "h.zip", members)
     sha = sha256_file(archive)
-    source = Source(key="headct", filename="h.zip", manual=True, sha256=sha)
+    source = Source(key="headct", filename="h.zip", manual=True, sha256=sha, instructions="-", marker="labels.csv")
     obtain(source, tmp_path / "raw", downloads=downloads, progress=False)
     assert (tmp_path / "raw/labels.csv").exists()  # re-rooted onto the folder holding the marker
     assert (tmp_path / "raw/head_ct/head_ct/000.png").exists()
 
-    bad = Source(key="headct", filename="h.zip", manual=True, sha256="1" * 64)
+    bad = Source(key="headct", filename="h.zip", manual=True, sha256="1" * 64, instructions="-", marker="labels.csv")
     with pytest.raises(UserError, match="does not match"):
         obtain(bad, tmp_path / "raw2", downloads=downloads, progress=False)
     assert not (tmp_path / "raw2").exists()
@@ -378,7 +383,7 @@ def test_obtain_manual_archive_is_verified_and_extracted(tmp_path: Path) -> None
 
 def test_obtain_elpv_from_the_installed_package(tmp_path: Path) -> None:
     pytest.importorskip("elpv_dataset")
-    source = registry.source_of(registry.resolve("elpv"))
+    source = _source_of("elpv")
     assert source.package == "elpv-dataset"
     raw = tmp_path / "raw" / "elpv"
     obtain(source, raw, downloads=tmp_path / "downloads", progress=False)  # no server: must not touch the network
@@ -394,7 +399,7 @@ def test_obtain_downloads_and_reroots(server: Server, tmp_path: Path) -> None:
         zf.writestr("elpv-dataset-master/src/elpv_dataset/data/images/cell0001.png", b"png")
         zf.writestr("elpv-dataset-master/README.md", "readme")
     server.files["/elpv.zip"] = buffer.getvalue()
-    source = Source(key="elpv", url=f"{server.url}/elpv.zip", filename="elpv.zip")  # no package: download
+    source = Source(key="elpv", url=f"{server.url}/elpv.zip", filename="elpv.zip", marker="labels.csv")  # no package
     downloads = tmp_path / "downloads"
     obtain(source, tmp_path / "raw", downloads=downloads, progress=False)
     assert (tmp_path / "raw/labels.csv").is_file() and (tmp_path / "raw/images/cell0001.png").is_file()
@@ -418,7 +423,7 @@ def test_obtain_local_full_mvtec_archive_extracts_one_category(tmp_path: Path, c
         tmp_path / "my-mvtec.tar.gz",
         [_file("carpet/train/good/000.png"), _file("carpet/test/hole/000.png"), _file("bottle/train/good/000.png")],
     )
-    source = registry.source_of(registry.resolve("carpet"))
+    source = _source_of("carpet")
     with caplog.at_level(logging.WARNING, logger="ahl.data.download"):
         obtain(source, tmp_path / "raw", downloads=tmp_path / "downloads", local=archive, progress=False)
     assert (tmp_path / "raw/carpet/train/good/000.png").exists()
@@ -427,10 +432,8 @@ def test_obtain_local_full_mvtec_archive_extracts_one_category(tmp_path: Path, c
 
 
 def test_obtain_local_known_archive_with_wrong_hash(tmp_path: Path) -> None:
-    from ahl.data import datasets
-
     fake = _tar(tmp_path / datasets.MVTEC_FULL_ARCHIVE, [_file("carpet/train/good/000.png")])
-    source = registry.source_of(registry.resolve("carpet"))
+    source = _source_of("carpet")
     with pytest.raises(UserError, match=datasets.MVTEC_FULL_ARCHIVE_SHA256):
         obtain(source, tmp_path / "raw", downloads=tmp_path / "downloads", local=fake, progress=False)
     assert not (tmp_path / "raw").exists()
@@ -441,7 +444,7 @@ def test_obtain_local_folder(tmp_path: Path) -> None:
     (folder / "images").mkdir(parents=True)
     (folder / "labels.csv").write_text("x")
     (folder / "images/a.png").write_bytes(b"a")
-    source = registry.source_of(registry.resolve("elpv"))
+    source = _source_of("elpv")
     obtain(source, tmp_path / "raw", downloads=tmp_path / "downloads", local=folder, progress=False)
     assert (tmp_path / "raw/images/a.png").read_bytes() == b"a"
     with pytest.raises(UserError, match="does not exist"):
@@ -450,44 +453,35 @@ def test_obtain_local_folder(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- registry
 def test_every_registered_dataset_resolves() -> None:
-    names = registry.known_classnames()
+    names = datasets.known_classnames()
     for expected in ("carpet", "AITEX", "SDD", "elpv", "optical", "mastcam", "brainmri", "headct", "hyperkvasir"):
         assert expected in names
-    for dataset in registry.DATASETS.values():
-        assert dataset.licence and dataset.homepage
+    for dataset in datasets.DATASETS.values():
+        assert dataset.licence and dataset.homepage and dataset.raw_layout and dataset.title
         for subset in dataset.subsets:
-            selection = registry.resolve(subset)
+            selection = datasets.resolve(subset)
             assert selection.dataset == dataset.name and selection.classname == subset
+            assert datasets.get_dataset(selection.dataset) is dataset
             if dataset.build is not None:  # generated locally (the embedded demo)
                 continue
-            assert callable(dataset.converter)
-            source = registry.source_of(selection)
-            assert source is not None and source.key == selection.source
-            assert source.sha256 is None or (len(source.sha256) == 64 and int(source.sha256, 16) >= 0)
-            assert source.url or source.package or source.manual, source.key
-            if source.manual:
-                assert source.filename and source.instructions, source.key
+            assert datasets.get_source(dataset, selection.source).key == selection.source
 
 
 def test_unknown_classname_lists_the_known_ones() -> None:
     with pytest.raises(UserError) as err:
-        registry.resolve("no-such-subset")
+        datasets.resolve("no-such-subset")
     assert "no-such-subset" in str(err.value)
     for name in ("carpet", "elpv", "hyperkvasir"):
         assert name in str(err.value)
 
 
 def test_mvtec_categories_have_their_own_sources_and_elpv_shares_one() -> None:
-    assert registry.resolve("carpet").source == "mvtec-carpet"
-    assert registry.resolve("zipper").source == "mvtec-zipper"
-    assert registry.resolve("carpet").dataset == "mvtec"
-    mvtec = registry.DATASETS["mvtec"]
+    assert datasets.resolve("carpet").source == "mvtec-carpet"
+    assert datasets.resolve("zipper").source == "mvtec-zipper"
+    assert datasets.resolve("carpet").dataset == "mvtec"
+    mvtec = datasets.DATASETS["mvtec"]
     assert len(mvtec.subsets) == 15 and len({s.key for s in mvtec.sources.values()}) == 15
-    assert registry.source_of(registry.resolve("pill")).url.endswith("/pill.tar.xz")
-    assert registry.resolve("elpv").source == "elpv"
-    assert registry.DATASETS["elpv"].sources["elpv"].key == "elpv"
-
-
-def test_converter_handles_are_lazy() -> None:
-    converter = registry.DATASETS["elpv"].converter
-    assert converter.__name__ == "convert_elpv"
+    assert _source_of("pill").url.endswith("/pill.tar.xz")
+    assert _source_of("pill").members_under == "pill/"
+    assert datasets.resolve("elpv").source == "elpv"
+    assert datasets.DATASETS["elpv"].sources["elpv"].key == "elpv"

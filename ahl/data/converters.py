@@ -7,59 +7,37 @@ sorted before the 3:1 split of the normals, so the split no longer depends on th
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import math
 import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-from ahl.errors import UserError
+from ahl.data.mvtec import IMAGE_SUFFIXES, to_8bit
+from ahl.errors import RawDataError, UserError
 from ahl.io import atomic_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 TEST_SIZE = 0.25  # normals split 3:1 train/test, as in the official convert scripts
 _JUNK_DIRS = frozenset({"__MACOSX"})  # folders that zip tools on macOS add next to the real ones
-
-# Where each raw dataset comes from and what its unpacked layout looks like: shown when something is missing.
-_LAYOUT = {
-    "mvtec": "<category>/train/good/*.png, <category>/test/<defect>/*.png, <category>/ground_truth/<defect>/"
-    "*_mask.png, one folder per category (possibly inside mvtec_anomaly_detection/)",
-    "aitex": "NODefect_images/<fabric>/*.png, Defect_images/Defect_images/NNNN_CCC_NN.png and "
-    "Mask_images/Mask_images/NNNN_CCC_NN_mask.png",
-    "sdd": "kosNN/PartK.jpg with its label kosNN/PartK_label.bmp next to it",
-    "elpv": "labels.csv (whitespace-separated: images/cellNNNN.png probability type) and images/",
-    "optical": "Class1 .. Class10, each with .../Train/ and .../Test/ holding the images and "
-    "Label/Labels.txt (DAGM 2007 label files)",
-    "mastcam": "train_typical/*, test_typical/* and test_novel/<class>/*",
-    "brainmri": "no/* (normal scans) and yes/* (tumour scans)",
-    "headct": "labels.csv (columns id, hemorrhage) and head_ct/head_ct/NNN.png",
-    "hyperkvasir": "upper-gi-tract/anatomical-landmarks/<landmark>/*.jpg and "
-    "upper-gi-tract/pathological-findings/<finding>/*.jpg (from labeled-images/)",
-}
-_SOURCE = {
-    "mvtec": "MVTec AD, https://www.mvtec.com/company/research/datasets/mvtec-ad (licence form; tinyurl.com/mvtecad)",
-    "aitex": "the AITEX Fabric Image Database (tinyurl.com/aitex-defect)",
-    "sdd": "KolektorSDD, https://www.vicos.si/resources/kolektorsdd/ (tinyurl.com/KolektorSDD)",
-    "elpv": "`pip install elpv-dataset` or https://github.com/zae-bayern/elpv-dataset (tinyurl.com/elpv-crack)",
-    "optical": "the DAGM 2007 competition data set, e.g. Kaggle "
-    "'mhskjelvareid/dagm-2007-competition-dataset-optical-inspection' (tinyurl.com/optical-defect)",
-    "mastcam": "the Mastcam novelty-detection data set of Kerner et al. (tinyurl.com/mastcam)",
-    "brainmri": "Kaggle 'navoneel/brain-mri-images-for-brain-tumor-detection' (tinyurl.com/brainMRI-tumor)",
-    "headct": "Kaggle 'felipekitamura/head-ct-hemorrhage' (tinyurl.com/headCT-tumor)",
-    "hyperkvasir": "Hyper-Kvasir labeled images, https://datasets.simula.no/hyper-kvasir/ (tinyurl.com/hyper-kvasir)",
-}
+# What to do about bad raw data. The raw folder a converter reads is a pipeline output that the download stage
+# rebuilds, so the fix is always made where the data comes from, never in that folder.
+RAW_FIX = (
+    "Fix the raw data where it comes from, not in the pipeline's folders (the download stage rebuilds them): give "
+    "a folder or archive holding it as `data.local` in params.yaml, or place its archive in the downloads folder "
+    "(`data.downloads`, data/downloads by default), then run `dvc repro`."
+)
 
 # AITEX: the defect code is the second field of a file name such as 0001_002_00.png (official DRA table).
 AITEX_DEFECT_CLASSES = {
@@ -70,11 +48,9 @@ AITEX_DEFECT_CLASSES = {
 
 
 # --------------------------------------------------------------------------------------------- raw-layout search
-def _layout_error(dataset: str, raw: Path, missing: str) -> UserError:
-    return UserError(
-        f"{dataset}: {missing} (looked under {raw}). Expected raw layout: {_LAYOUT[dataset]}. "
-        f"The data comes from {_SOURCE[dataset]}; unpack it under {raw} and run the stage again."
-    )
+def _layout_error(dataset: str, raw: Path, missing: str) -> RawDataError:
+    # The dataset entry (registry.Dataset.convert) adds the layout it expects and where the data comes from.
+    return RawDataError(f"{dataset}: {missing} (looked under {raw}).", RAW_FIX)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -133,10 +109,7 @@ def _dedupe(paths: list[Path], key: Callable[[Path], object], dataset: str) -> l
 
 # ---------------------------------------------------------------------------------------------- reading, writing
 def _unreadable(path: Path, err: BaseException) -> UserError:
-    return UserError(
-        f"cannot read image {path}: {err}. The raw download may be incomplete or corrupt: "
-        "unpack (or download) it again."
-    )
+    return UserError(f"cannot read image {path}: {err}. The raw file is damaged or incomplete. {RAW_FIX}")
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -154,18 +127,26 @@ def _read_mask(path: Path) -> np.ndarray:
     return arr.any(axis=2) if arr.ndim == 3 else arr != 0
 
 
-def _check_png(path: Path) -> None:
-    try:
-        with Image.open(path) as img:
-            img.verify()  # walks the chunks and checks their CRCs without decoding: cheap
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _unreadable(path, err) from err
-
-
 def _save_png(img: Image.Image, dst: Path) -> None:
-    if img.mode not in {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}:
+    img = to_8bit(img)  # 16-bit, 32-bit and float greyscale scaled, not clipped
+    if img.mode not in {"1", "L", "LA", "P", "RGB", "RGBA"}:
         img = img.convert("RGB")  # e.g. CMYK JPEGs: PNG cannot store them
     img.save(dst, format="PNG")
+
+
+def _put_png(src: Path, dst: Path, *, image: bool = True) -> None:
+    """A raw PNG into place: hard-linked after a cheap integrity check, or, for an ``image`` deeper than 8 bits,
+    re-encoded as 8 bits. Masks are linked as they are (scaling would turn a 16-bit mask of 0/1 into zeros)."""
+    try:
+        with Image.open(src) as img:
+            deep = img.mode.startswith(("I", "F"))  # I;16*, I (32-bit) and F (float)
+            img.verify()  # walks the chunks and checks their CRCs without decoding: cheap
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise _unreadable(src, err) from err
+    if deep and image:
+        _save_png(_read_image(src), dst)
+    else:
+        link_or_copy(src, dst)
 
 
 def _save_mask(mask: np.ndarray, dst: Path) -> None:
@@ -185,11 +166,10 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 
 def _place(src: Path, folder: Path, stem: str | None = None) -> Path:
-    """Put one raw image into ``folder`` as PNG: a hard link when it already is one, else decoded and re-encoded."""
+    """Put one raw image into ``folder`` as PNG: a hard link when it already is an 8-bit one, else re-encoded."""
     dst = _free_name(folder, stem or src.stem)
     if src.suffix.lower() == ".png":
-        _check_png(src)
-        link_or_copy(src, dst)
+        _put_png(src, dst)
     else:
         _save_png(_read_image(src), dst)
     return dst
@@ -209,14 +189,17 @@ def _split_normals(normals: list[T], seed: int, dataset: str) -> tuple[list[T], 
     from sklearn.model_selection import train_test_split
 
     if len(normals) < 2:
-        raise UserError(f"{dataset}: found {len(normals)} normal images; at least 2 are needed for the 3:1 split")
+        raise RawDataError(
+            f"{dataset}: found {len(normals)} normal images; at least 2 are needed for the 3:1 split.", RAW_FIX
+        )
     train, test = train_test_split(normals, test_size=TEST_SIZE, random_state=seed)
     return list(train), list(test)
 
 
 def _log_counts(subset_dir: Path) -> dict[str, int]:
+    """Log (and return) the images per folder of a converted subset; other files (a licence text) are not counted."""
     counts = {
-        f"{split}/{cls.name}": sum(1 for _ in cls.iterdir())
+        f"{split}/{cls.name}": sum(1 for p in cls.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for split in ("train", "test")
         for cls in _subdirs(subset_dir / split)
     }
@@ -304,7 +287,9 @@ def convert_mvtec(raw: Path, out: Path, *, seed: int = 42) -> None:
     names = [c.name for c in categories]
     if len(set(names)) != len(names):
         dups = sorted({n for n in names if names.count(n) > 1})
-        raise UserError(f"mvtec: categories {dups} appear twice under {raw}: {categories}. Keep one copy of each.")
+        raise RawDataError(
+            f"mvtec: categories {dups} appear twice under {raw}: {categories}; keep one copy of each.", RAW_FIX
+        )
     with atomic_dir(out) as tmp:
         for category in categories:
             if not (category / "test").is_dir():
@@ -314,8 +299,9 @@ def convert_mvtec(raw: Path, out: Path, *, seed: int = 42) -> None:
                 dst = tmp / category.name / src.relative_to(category)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if src.suffix.lower() == ".png":
-                    _check_png(src)
-                link_or_copy(src, dst)
+                    _put_png(src, dst, image=src.relative_to(category).parts[0] != "ground_truth")
+                else:
+                    link_or_copy(src, dst)
             _log_counts(tmp / category.name)
 
 
@@ -343,9 +329,10 @@ def convert_aitex(raw: Path, out: Path, *, seed: int = 42) -> None:
             fields = src.stem.split("_")
             code = fields[1] if len(fields) > 1 else ""
             if code not in AITEX_DEFECT_CLASSES:
-                raise UserError(
+                raise RawDataError(
                     f"aitex: {src} has no known defect code (the second field of NNNN_CCC_NN.png; known: "
-                    f"{', '.join(AITEX_DEFECT_CLASSES)}). Remove the file or check the download."
+                    f"{', '.join(AITEX_DEFECT_CLASSES)}); leave that file out.",
+                    RAW_FIX,
                 )
             # The official script reads <stem>_mask.png. A few strips are said to have several masks
             # (<stem>_mask1.png, ...): their union is used then, so no defect pixel is lost.
@@ -356,9 +343,10 @@ def convert_aitex(raw: Path, out: Path, *, seed: int = 42) -> None:
             img = _read_image(src)
             mask = np.logical_or.reduce([_read_mask(p) for p in mask_paths])
             if mask.shape != (img.height, img.width):
-                raise UserError(
+                raise RawDataError(
                     f"aitex: mask {mask_paths[0]} is {mask.shape[1]}x{mask.shape[0]} but image {src} is "
-                    f"{img.width}x{img.height}; they must match."
+                    f"{img.width}x{img.height}; they must match.",
+                    RAW_FIX,
                 )
             for i, box in enumerate(_aitex_tiles(img.width, img.height)):
                 left, top, right, bottom = box
@@ -403,9 +391,10 @@ def convert_sdd(raw: Path, out: Path, *, seed: int = 42) -> None:
             img = _read_image(src)
             mask = _read_mask(label)
             if mask.shape != (img.height, img.width):
-                raise UserError(
+                raise RawDataError(
                     f"sdd: label {label} is {mask.shape[1]}x{mask.shape[0]} but image {src} is "
-                    f"{img.width}x{img.height}; they must match."
+                    f"{img.width}x{img.height}; they must match.",
+                    RAW_FIX,
                 )
             h = img.height
             cuts = [0, h // 3, h * 2 // 3, h]
@@ -441,8 +430,9 @@ def convert_elpv(raw: Path, out: Path, *, seed: int = 42) -> None:
             if len(fields) != 3:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UserError(
-                f"elpv: {labels}:{lineno} is {line!r}; expected 'images/cellNNNN.png <probability> <mono|poly>'"
+            raise RawDataError(
+                f"elpv: {labels}:{lineno} is {line!r}; expected 'images/cellNNNN.png <probability> <mono|poly>'.",
+                RAW_FIX,
             ) from None
         src = root / rel
         if not src.is_file():
@@ -589,7 +579,7 @@ def convert_headct(raw: Path, out: Path, *, seed: int = 42) -> None:
         try:
             samples.append((int(row[id_col]), int(float(row[label_col]))))
         except (ValueError, IndexError):
-            raise UserError(f"headct: {labels}:{lineno} is {row!r}; expected '<id>,<0 or 1>'") from None
+            raise RawDataError(f"headct: {labels}:{lineno} is {row!r}; expected '<id>,<0 or 1>'.", RAW_FIX) from None
     samples.sort()  # by id: the official order (labels.csv is sorted by id)
     for i, _ in samples:
         if not (images / f"{i:03d}.png").is_file():
@@ -625,31 +615,3 @@ def convert_hyperkvasir(raw: Path, out: Path, *, seed: int = 42) -> None:
             for src in _progress(files, f"hyperkvasir {cls}"):
                 _place(src, subset / "test" / cls)
         _log_counts(subset)
-
-
-CONVERTERS: dict[str, Callable[..., None]] = {
-    "mvtec": convert_mvtec,
-    "aitex": convert_aitex,
-    "sdd": convert_sdd,
-    "elpv": convert_elpv,
-    "optical": convert_optical,
-    "mastcam": convert_mastcam,
-    "brainmri": convert_brainmri,
-    "headct": convert_headct,
-    "hyperkvasir": convert_hyperkvasir,
-}
-
-
-def elpv_package_dir() -> Path | None:
-    """The folder holding ``labels.csv`` and ``images/`` of the installed ``elpv-dataset`` package, else None."""
-    try:
-        spec = importlib.util.find_spec("elpv_dataset")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        data = Path(location) / "data"
-        if (data / "labels.csv").is_file() and (data / "images").is_dir():
-            return data
-    return None

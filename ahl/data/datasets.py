@@ -1,69 +1,43 @@
-"""The built-in datasets of the AHL and DRA papers: where each one's raw data comes from, its licence, its converter.
+"""The built-in datasets of the AHL and DRA papers, one entry each: sources, checksums, raw layout, converter, licence.
 
-Importing this module registers them (``registry._load_builtin`` does so). URLs marked ``# unverified`` were taken
-from the papers' links and public code and could not be checked from an offline machine.
+Importing this module registers them; it re-exports the registry's look-up functions, so that a caller imports
+``resolve``, ``get_dataset`` and ``get_source`` from here and is sure the built-in entries exist. URLs marked
+``# unverified`` were taken from the papers' links and public code and could not be checked from an offline machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from ahl.data import converters, embedded
+from ahl.data.registry import (
+    DATASETS,
+    Dataset,
+    Selection,
+    Source,
+    get_dataset,
+    get_source,
+    known_classnames,
+    register,
+    resolve,
+)
 
-from ahl.data.registry import Converter, Dataset, Source, register
+# The registry's look-up functions, re-exported: importing them from here guarantees the built-in entries exist.
+__all__ = ["DATASETS", "Dataset", "Selection", "Source", "get_dataset", "get_source", "known_classnames", "resolve"]
 
-# --- embedded demo dataset ---------------------------------------------------------------------------------
-def _build_embedded(out: Path, config) -> None:
-    from ahl.data.embedded import build_embedded
-
-    build_embedded(out, config)
-
-
-# Built offline in seconds from scikit-image's texture photographs; already in MVTec layout (no converter).
-EMBEDDED = register(
+# --------------------------------------------------------------------------------------------- embedded demo
+# Built offline in seconds from scikit-image's texture photographs, already in MVTec layout.
+register(
     Dataset(
         name="embedded",
-        subsets=("brick", "grass", "gravel"),
+        title="the embedded demo dataset",
+        subsets=embedded.SUBSETS,
         licence="scikit-image sample images (public domain / CC0, see skimage.data); generated defects: ours",
         homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
-        converter=None,
-        build=_build_embedded,
+        raw_layout="<subset>/train/good/*.png, <subset>/test/<defect>/*.png, <subset>/ground_truth/<defect>/"
+        "*_mask.png, as built by the download stage",
+        converter=converters.convert_mvtec,  # already in MVTec layout: linked and checked
+        build=embedded.build_embedded,
     )
 )
-# --- end of the embedded demo dataset ---
-
-
-def _converter(name: str) -> Converter:
-    """A handle on ``ahl.data.converters.<name>``, imported on first use (keeps the registry import-light)."""
-
-    def convert(raw: Path, out: Path, *, seed: int = 42) -> None:
-        from ahl.data import converters
-
-        getattr(converters, name)(raw, out, seed=seed)
-
-    convert.__name__ = convert.__qualname__ = name
-    convert.__doc__ = f"Convert raw data to the MVTec layout with ahl.data.converters.{name}."
-    return convert
-
-
-@dataclass(frozen=True)
-class RawLayout:
-    """Where a source's data sits inside its archive or folder; ``download.obtain`` uses it (keyed by source key).
-
-    marker: a file or folder name at the raw root the converter expects; obtain moves the shallowest folder
-        holding it up to the raw root, so that every route (package, archive, folder) gives one layout.
-    members_under: extract only this folder of an archive (one MVTec category out of the full archive).
-    """
-
-    marker: str | None = None
-    members_under: str | None = None
-
-
-RAW_LAYOUTS: dict[str, RawLayout] = {}
-
-# Archives a user may give as `local` other than a source's own file: file name -> sha256.
-MVTEC_FULL_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
-MVTEC_FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
-KNOWN_ARCHIVES: dict[str, str] = {MVTEC_FULL_ARCHIVE: MVTEC_FULL_ARCHIVE_SHA256}
 
 
 # ------------------------------------------------------------------------------------------------------- MVTec AD
@@ -71,6 +45,10 @@ MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )  # fmt: skip
+
+# The full archive (one file, 4.9 GB) may be given as `data.local` for any category: only that one is extracted.
+MVTEC_FULL_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
+MVTEC_FULL_ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 
 # unverified: MVTec's per-category download links (mydrive.ch), as used across public code since 2021; MVTec's
 # page now shows a licence form first, so these may stop working. pill is offered from a second share.
@@ -93,19 +71,19 @@ _MVTEC_FILE_IDS = {
     "wood": "420938383-1629953354",
     "zipper": "420938385-1629953449",
 }
-# The full archive (one file, 4.9 GB) lives in the same share; give it as `local` and only the category is extracted.
+# The full archive lives in the same share.
 MVTEC_FULL_ARCHIVE_URL = f"{_MVTEC_SHARE}/420938113-1629952094/{MVTEC_FULL_ARCHIVE}"
 
 
 def _mvtec_source(category: str) -> Source:
     share = _MVTEC_PILL_SHARE if category == "pill" else _MVTEC_SHARE
-    key = f"mvtec-{category}"
-    RAW_LAYOUTS[key] = RawLayout(members_under=f"{category}/")  # the per-category archive holds <category>/...
     return Source(
-        key=key,
+        key=f"mvtec-{category}",
         url=f"{share}/{_MVTEC_FILE_IDS[category]}/{category}.tar.xz",
         sha256=None,  # not yet pinned: the first download logs the hash to pin here
         filename=f"{category}.tar.xz",
+        members_under=f"{category}/",  # the per-category archive, and the full one, hold <category>/...
+        other_archives={MVTEC_FULL_ARCHIVE: MVTEC_FULL_ARCHIVE_SHA256},
         instructions=(
             "MVTec AD (CC BY-NC-SA 4.0) is offered at https://www.mvtec.com/company/research/datasets/mvtec-ad "
             f"after a licence form; download {category}.tar.xz, or the whole {MVTEC_FULL_ARCHIVE} and give it "
@@ -117,10 +95,13 @@ def _mvtec_source(category: str) -> Source:
 register(
     Dataset(
         name="mvtec",
+        title="MVTec AD",
         subsets=MVTEC_CATEGORIES,
         licence="CC BY-NC-SA 4.0",
         homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
-        converter=_converter("convert_mvtec"),
+        raw_layout="<category>/train/good/*.png, <category>/test/<defect>/*.png, <category>/ground_truth/<defect>/"
+        "*_mask.png, one folder per category (possibly inside mvtec_anomaly_detection/)",
+        converter=converters.convert_mvtec,
         sources={category: _mvtec_source(category) for category in MVTEC_CATEGORIES},
     )
 )
@@ -130,19 +111,22 @@ register(
 # The AITEX Fabric Image Database comes as three .7z archives, which Python's standard library cannot open,
 # so the user extracts them into one folder and that folder is placed by hand.
 _AITEX_URL = "https://www.aitex.es/wp-content/uploads/2019/07"  # unverified: from public download scripts
-RAW_LAYOUTS["aitex"] = RawLayout(marker="NODefect_images")
 register(
     Dataset(
         name="aitex",
+        title="the AITEX Fabric Image Database",
         subsets=("AITEX",),
         licence="AITEX Fabric Image Database terms (free for research; see the homepage)",  # unverified
         homepage="https://www.aitex.es/afid/",
-        converter=_converter("convert_aitex"),
+        raw_layout="NODefect_images/<fabric>/*.png, Defect_images/Defect_images/NNNN_CCC_NN.png and "
+        "Mask_images/Mask_images/NNNN_CCC_NN_mask.png",
+        converter=converters.convert_aitex,
         sources={
             "AITEX": Source(
                 key="aitex",
                 filename="AITEX",  # a folder
                 manual=True,
+                marker="NODefect_images",
                 instructions=(
                     f"download {_AITEX_URL}/Defect_images.7z, {_AITEX_URL}/NODefect_images.7z and "
                     f"{_AITEX_URL}/Mask_images.7z (homepage https://www.aitex.es/afid/) and extract all three with "
@@ -156,14 +140,15 @@ register(
 
 
 # ------------------------------------------------------------------------------------------------ SDD (KolektorSDD)
-RAW_LAYOUTS["sdd"] = RawLayout(marker="kos01")
 register(
     Dataset(
         name="sdd",
+        title="KolektorSDD",
         subsets=("SDD",),
         licence="CC BY-NC-SA 4.0",
         homepage="https://www.vicos.si/resources/kolektorsdd/",
-        converter=_converter("convert_sdd"),
+        raw_layout="kosNN/PartK.jpg with its label kosNN/PartK_label.bmp next to it",
+        converter=converters.convert_sdd,
         sources={
             "SDD": Source(
                 key="sdd",
@@ -171,6 +156,7 @@ register(
                 # unverified: the hash anomalib pins for this file (not checked here, no network)
                 sha256="65dc621693418585de9c4467d1340ea7958a6181816f0dc2883a1e8b61f9d4dc",
                 filename="KolektorSDD.zip",
+                marker="kos01",
                 instructions="KolektorSDD is on https://www.vicos.si/resources/kolektorsdd/ (KolektorSDD.zip).",
             )
         },
@@ -179,14 +165,15 @@ register(
 
 
 # ----------------------------------------------------------------------------------------------------------- ELPV
-RAW_LAYOUTS["elpv"] = RawLayout(marker="labels.csv")
 register(
     Dataset(
         name="elpv",
+        title="the ELPV dataset (`pip install elpv-dataset`)",
         subsets=("elpv",),
         licence="CC BY-NC-SA 4.0",
         homepage="https://github.com/zae-bayern/elpv-dataset",
-        converter=_converter("convert_elpv"),
+        raw_layout="labels.csv (whitespace-separated: images/cellNNNN.png probability type) and images/",
+        converter=converters.convert_elpv,
         sources={
             "elpv": Source(
                 key="elpv",
@@ -195,6 +182,7 @@ register(
                 url="https://github.com/zae-bayern/elpv-dataset/archive/refs/heads/master.zip",
                 filename="elpv-dataset-master.zip",
                 package="elpv-dataset",
+                marker="labels.csv",
                 instructions="`pip install elpv-dataset` provides the data without a download.",
             )
         },
@@ -203,20 +191,23 @@ register(
 
 
 # ------------------------------------------------------------------------------------------- Optical (DAGM 2007)
-RAW_LAYOUTS["optical"] = RawLayout(marker="Class1")
 register(
     Dataset(
         name="optical",
+        title="the DAGM 2007 competition data set",
         subsets=("optical",),
         licence="DAGM 2007 competition terms (non-commercial research; licence form on the homepage)",  # unverified
         # unverified: the HCI Heidelberg page that hands out the data after a licence form
         homepage="https://hci.iwr.uni-heidelberg.de/content/weakly-supervised-learning-industrial-optical-inspection",
-        converter=_converter("convert_optical"),
+        raw_layout="Class1 .. Class10, each with .../Train/ and .../Test/ holding the images and Label/Labels.txt "
+        "(DAGM 2007 label files)",
+        converter=converters.convert_optical,
         sources={
             "optical": Source(
                 key="optical",
                 filename="dagm-2007-competition-dataset-optical-inspection.zip",
                 manual=True,
+                marker="Class1",
                 instructions=(
                     "DAGM 2007 needs a licence form (https://hci.iwr.uni-heidelberg.de/content/"
                     "weakly-supervised-learning-industrial-optical-inspection) or a Kaggle login: "
@@ -231,19 +222,21 @@ register(
 
 
 # -------------------------------------------------------------------------------------------------------- Mastcam
-RAW_LAYOUTS["mastcam"] = RawLayout(marker="test_novel")
 register(
     Dataset(
         name="mastcam",
+        title="the Mastcam novelty-detection data set of Kerner et al.",
         subsets=("mastcam",),
         licence="CC BY 4.0",
         homepage="https://doi.org/10.5281/zenodo.3732485",
-        converter=_converter("convert_mastcam"),
+        raw_layout="train_typical/*, test_typical/* and test_novel/<class>/*",
+        converter=converters.convert_mastcam,
         sources={
             "mastcam": Source(
                 key="mastcam",
                 filename="mastcam",  # a folder: the record holds one zip per split
                 manual=True,
+                marker="test_novel",
                 instructions=(
                     "download train_typical.zip, test_typical.zip and test_novel.zip from "
                     "https://zenodo.org/records/3732485 (unverified: the Mastcam novelty detection record of "
@@ -257,19 +250,21 @@ register(
 
 
 # ------------------------------------------------------------------------------------------------------- BrainMRI
-RAW_LAYOUTS["brainmri"] = RawLayout(marker="yes")
 register(
     Dataset(
         name="brainmri",
+        title="the Kaggle data set 'Brain MRI Images for Brain Tumor Detection'",
         subsets=("brainmri",),
         licence="not stated by the Kaggle uploader (research use)",  # unverified
         homepage="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
-        converter=_converter("convert_brainmri"),
+        raw_layout="no/* (normal scans) and yes/* (tumour scans)",
+        converter=converters.convert_brainmri,
         sources={
             "brainmri": Source(
                 key="brainmri",
                 filename="brain-mri-images-for-brain-tumor-detection.zip",
                 manual=True,
+                marker="yes",
                 instructions=(
                     "Kaggle needs a login: `kaggle datasets download navoneel/brain-mri-images-for-brain-tumor-"
                     "detection`, or the Download button of "
@@ -283,19 +278,21 @@ register(
 
 
 # --------------------------------------------------------------------------------------------------------- HeadCT
-RAW_LAYOUTS["headct"] = RawLayout(marker="labels.csv")
 register(
     Dataset(
         name="headct",
+        title="the Kaggle data set 'Head CT - hemorrhage'",
         subsets=("headct",),
         licence="as stated on the Kaggle page (reported as CC0 1.0)",  # unverified
         homepage="https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage",
-        converter=_converter("convert_headct"),
+        raw_layout="labels.csv (columns id, hemorrhage) and head_ct/head_ct/NNN.png",
+        converter=converters.convert_headct,
         sources={
             "headct": Source(
                 key="headct",
                 filename="head-ct-hemorrhage.zip",
                 manual=True,
+                marker="labels.csv",
                 instructions=(
                     "Kaggle needs a login: `kaggle datasets download felipekitamura/head-ct-hemorrhage`, or the "
                     "Download button of https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage "
@@ -308,14 +305,16 @@ register(
 
 
 # ---------------------------------------------------------------------------------------------------- Hyper-Kvasir
-RAW_LAYOUTS["hyperkvasir"] = RawLayout(marker="upper-gi-tract")
 register(
     Dataset(
         name="hyperkvasir",
+        title="Hyper-Kvasir's labelled images",
         subsets=("hyperkvasir",),
         licence="CC BY 4.0",
         homepage="https://datasets.simula.no/hyper-kvasir/",
-        converter=_converter("convert_hyperkvasir"),
+        raw_layout="upper-gi-tract/anatomical-landmarks/<landmark>/*.jpg and "
+        "upper-gi-tract/pathological-findings/<finding>/*.jpg (from labeled-images/)",
+        converter=converters.convert_hyperkvasir,
         sources={
             "hyperkvasir": Source(
                 key="hyperkvasir",
@@ -323,6 +322,7 @@ register(
                 url="https://datasets.simula.no/downloads/hyper-kvasir/hyper-kvasir-labeled-images.zip",
                 sha256=None,  # one public script pins c603449b1bc0be86948b11d9aea8b2002058a11e6f5499e2a384b9ae9c8dbd3f
                 filename="hyper-kvasir-labeled-images.zip",
+                marker="upper-gi-tract",
                 instructions=(
                     "Hyper-Kvasir's labelled images are on https://datasets.simula.no/hyper-kvasir/ and "
                     "https://osf.io/mh9sj/ (hyper-kvasir-labeled-images.zip)."

@@ -1,7 +1,8 @@
 """Raw-data acquisition: resumable, checksum-verified downloads, safe archive extraction, and ``obtain``.
 
 ``obtain`` fills a raw-data folder from (in this order) a local file or folder, a Python package that ships the
-data, a file the user placed by hand, or a download. Every file is verified each time it is used.
+data, a file the user placed by hand, or a download. Every file is verified each time it is used. ``DataConfig`` is
+params.yaml's ``data`` section; ``local_manifest`` describes what ``data.local`` holds, so DVC sees it change.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from ahl.data import registry
 from ahl.errors import UserError
-from ahl.io import atomic_dir, link_or_copy
+from ahl.io import atomic_dir, link_or_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,55 @@ MIRROR_HINT = "set a mirror URL (`data.mirror` in params.yaml, or `dvc exp run -
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 # Python >= 3.11.4 (and the 3.8-3.10 security releases) carry tarfile's extraction filters.
 _TAR_FILTER = "data" if hasattr(tarfile, "data_filter") else None
+# The pipeline's data outputs: DVC deletes and rebuilds them, so no user file may live there.
+PIPELINE_OUTPUTS = ("data/raw", "data/mvtec")
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class DataConfig:
+    split_seed: int  # the 3:1 train/test split of normals of non-MVTec datasets (papers: random_state=42)
+    downloads: str  # where archives are downloaded to / placed by hand
+    mirror: str | None  # a URL to use instead of the registered one
+    local: str | None  # a local archive or folder holding the raw data (skips the download)
+
+    def __post_init__(self) -> None:
+        check_split_seed(self.split_seed)
+        check_folder_outside_outputs("data.downloads", self.downloads)
+        check_mirror(self.mirror)
+        if self.local is not None:
+            check_folder_outside_outputs("data.local", self.local)
+
+
+def check_split_seed(value: object, key: str = "data.split_seed") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"params.yaml: {key} = {value!r} must be a whole number >= 0; the papers use 42")
+
+
+def check_folder_outside_outputs(key: str, value: object) -> None:
+    """A non-empty path that is not inside a pipeline output (``dvc repro`` would delete what is there)."""
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"params.yaml: {key} = {value!r} must be a path (a non-empty string)")
+    parts = PurePosixPath(os.path.normpath(value).replace(os.sep, "/")).parts
+    for output in PIPELINE_OUTPUTS:
+        if parts[: len(output.split("/"))] == tuple(output.split("/")):
+            raise UserError(
+                f"params.yaml: {key} = {value!r} is inside {output}, which `dvc repro` deletes and rebuilds; "
+                "use a path outside it (e.g. data/downloads, or a folder outside the project)"
+            )
+
+
+def check_mirror(value: object, key: str = "data.mirror") -> None:
+    """None, or an http(s):// URL with a host, or a file:// URL with a path."""
+    if value is None:
+        return
+    url = urllib.parse.urlparse(value) if isinstance(value, str) else None
+    web = url is not None and url.scheme in ("http", "https") and bool(url.netloc)
+    if not (web or url is not None and url.scheme == "file" and bool(url.path)):
+        raise UserError(
+            f"params.yaml: {key} = {value!r} is not a URL; give an http://, https:// or file:// URL (one ending in "
+            "/ gets the file name appended), or null to use the registered URL"
+        )
 
 
 @dataclass(frozen=True)
@@ -380,11 +431,124 @@ def _check_tree_links(archive: Path, root: str) -> None:
                 raise _refuse(archive, member, "is a symlink that resolves outside the target folder")
 
 
+# ------------------------------------------------------------------------------------------------ local folders
+def _outside(what: str, root: Path, rel: str, link: str, real: str) -> UserError:
+    return UserError(
+        f"{what}: {root / rel} is a symlink to {link} ({real}), outside {root}. Links out of the folder are not "
+        "followed (the files would be linked into the pipeline's data and DVC cache): copy those files into the "
+        f"folder instead (e.g. `cp -rL`), or give the folder that holds them"
+    )
+
+
+def _tree(root: Path, what: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The folders and regular files under ``root``: relative POSIX paths in sorted order, each file with its real
+    path. Symlinks are followed only inside ``root``; one that leads out, dangles or loops is a ``UserError``."""
+    top = os.path.realpath(root)
+    folders: list[str] = []
+    files: list[tuple[str, str]] = []
+
+    def visit(folder: str, prefix: str, ancestors: tuple[str, ...]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise UserError(f"{what}: cannot read the folder {folder} ({err}); check its permissions") from err
+        for entry in entries:
+            rel, real = prefix + entry.name, os.path.realpath(entry.path)
+            if entry.is_symlink():
+                link = os.readlink(entry.path)
+                if not _inside(top, real):
+                    raise _outside(what, root, rel, link, real)
+                if not os.path.exists(real):
+                    raise UserError(f"{what}: {root / rel} is a symlink to {link}, which does not exist; remove it")
+            if os.path.isdir(real):
+                if real in ancestors:
+                    raise UserError(f"{what}: {root / rel} is a symlink to a folder that holds it (a loop); remove it")
+                folders.append(rel)
+                visit(entry.path, rel + "/", (*ancestors, real))
+            elif os.path.isfile(real):
+                files.append((rel, real))
+            else:
+                log.warning("%s: skipping %s, neither a regular file nor a folder", what, root / rel)
+
+    visit(top, "", (top,))
+    return folders, files
+
+
+def _copy_tree(src: Path, dst: Path, what: str) -> None:
+    """Hard-link (or copy) the tree ``src`` into the existing folder ``dst``, never following links out of it."""
+    folders, files = _tree(src, what)
+    for rel in folders:
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+    for rel, real in files:
+        link_or_copy(real, dst / rel)
+
+
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's granularity
+
+
+class _HashCache:
+    """sha256 of files keyed by (real path, size, mtime_ns), kept in a JSON file between runs."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.entries, self.changed = path, {}, False
+        if path is not None and path.is_file():
+            try:
+                data = read_json(path)
+                self.entries = {k: v for k, v in data.get("entries", {}).items() if len(v) == 3}
+            except (OSError, ValueError, AttributeError, TypeError):
+                log.warning("ignoring the unreadable hash cache %s; it is rebuilt", path)
+
+    def sha256(self, real: str) -> tuple[int, str]:
+        st = os.stat(real)
+        hit = self.entries.get(real)
+        if hit is not None and hit[:2] == [st.st_size, st.st_mtime_ns]:
+            return st.st_size, hit[2]
+        digest = sha256_file(real)
+        if time.time_ns() - st.st_mtime_ns > RACY_NS:
+            self.entries[real], self.changed = [st.st_size, st.st_mtime_ns, digest], True
+        return st.st_size, digest
+
+    def forget_under(self, top: str, keep: set[str]) -> None:
+        stale = [k for k in self.entries if _inside(top, k) and k not in keep]
+        for k in stale:
+            del self.entries[k]
+        self.changed = self.changed or bool(stale)
+
+    def save(self) -> None:
+        if self.path is not None and self.changed:
+            write_json(self.path, {"entries": dict(sorted(self.entries.items()))})
+
+
+def local_manifest(path: str | os.PathLike | None, *, hash_cache: str | os.PathLike | None = None) -> dict:
+    """What ``data.local`` holds, as a deterministic dict for DVC to compare between runs.
+
+    A folder: every regular file (relative path, size, sha256), sorted by path, refusing symlinks that lead out of
+    it as ``obtain`` does. A file (an archive): its name, size and sha256. None: ``{"kind": "none"}``. Hashes are
+    kept in ``hash_cache`` (a JSON file, written atomically) keyed by path, size and mtime, so an unchanged tree
+    is not read again.
+    """
+    if path is None:
+        return {"kind": "none"}
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"data.local = {path.resolve()} does not exist: give an existing archive or folder")
+    cache = _HashCache(Path(hash_cache) if hash_cache is not None else None)
+    if path.is_dir():
+        _, files = _tree(path, "data.local")
+        entries = []
+        for rel, real in files:
+            size, digest = cache.sha256(real)
+            entries.append({"path": rel, "size": size, "sha256": digest})
+        cache.forget_under(os.path.realpath(path), {real for _, real in files})
+        manifest = {"kind": "folder", "files": entries}
+    else:
+        size, digest = cache.sha256(os.path.realpath(path))
+        manifest = {"kind": "file", "name": path.name, "size": size, "sha256": digest}
+    cache.save()
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------------------ obtain
-def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=link_or_copy)
-
-
 def _reroot(tmp: Path, marker: str | None) -> None:
     """Make the shallowest folder that holds ``marker`` the raw root (archives often wrap data in a folder)."""
     if marker is None:
@@ -442,17 +606,17 @@ def _filename(source: registry.Source) -> str:
     return source.key
 
 
-def _expected_sha256(source: registry.Source, path: Path, known: dict[str, str]) -> tuple[str | None, bool]:
+def _expected_sha256(source: registry.Source, path: Path) -> tuple[str | None, bool]:
     """(the hash to check ``path`` against, whether a mismatch is an error) for a file given as ``local``."""
-    if path.name in known:
-        return known[path.name], True
+    if path.name in source.other_archives:
+        return source.other_archives[path.name], True
     if path.name == _filename(source):
         return source.sha256, True
     return source.sha256, False
 
 
-def _verify_local(source: registry.Source, path: Path, known: dict[str, str], progress: bool) -> None:
-    expected, strict = _expected_sha256(source, path, known)
+def _verify_local(source: registry.Source, path: Path, progress: bool) -> None:
+    expected, strict = _expected_sha256(source, path)
     if strict or expected is None:
         verify_file(path, expected, progress=progress)
         return
@@ -483,23 +647,21 @@ def obtain(
     The first that applies: ``local`` (an archive, verified when its hash is known, or a folder); the Python
     package that ships the data; a file the user placed by hand at ``downloads/<filename>``; a download of
     ``mirror or source.url`` to ``downloads/<filename>``. ``mirror`` is a full URL, or a base URL ending in
-    ``/`` to which the file name is appended.
+    ``/`` to which the file name is appended. A folder's symlinks are followed only when they stay inside it.
     """
-    from ahl.data import datasets  # the per-source layout hints; imported here to keep import order simple
-
+    check_mirror(mirror)
     raw_dir, downloads = Path(raw_dir), Path(downloads)
-    layout = datasets.RAW_LAYOUTS.get(source.key, datasets.RawLayout())
-    unpack = {"members_under": layout.members_under, "marker": layout.marker, "progress": progress}
+    unpack = {"members_under": source.members_under, "marker": source.marker, "progress": progress}
 
     if local is not None:
         local = Path(local).expanduser()
         if not local.exists():
             raise UserError(f"data.local = {local.resolve()} does not exist: give an existing archive or folder")
         if local.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(local, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(local, tmp, "data.local"), source.marker)
             log.info("copied the folder %s into %s (%s)", local, raw_dir, source.key)
         else:
-            _verify_local(source, local, datasets.KNOWN_ARCHIVES, progress)
+            _verify_local(source, local, progress)
             _unpack(local, raw_dir, **unpack)
         return
 
@@ -510,7 +672,7 @@ def obtain(
                 version = importlib.metadata.version(source.package)
             except importlib.metadata.PackageNotFoundError:
                 version = "?"
-            _install(raw_dir, lambda tmp: _copy_tree(data, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(data, tmp, f"the package {source.package}"), source.marker)
             log.info(
                 "copied %s from the installed package %s %s into %s (no network)",
                 data,
@@ -531,7 +693,7 @@ def obtain(
                 f"Put it at {path.resolve()} and run again (or give an archive or an extracted folder as `data.local` in params.yaml)."
             )
         if path.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(path, tmp), layout.marker)
+            _install(raw_dir, lambda tmp: _copy_tree(path, tmp, "the folder you placed"), source.marker)
             log.info("copied the folder %s you placed into %s", path, raw_dir)
         else:
             verify_file(path, source.sha256, progress=progress)

@@ -14,8 +14,32 @@ from PIL import Image, UnidentifiedImageError
 
 from ahl.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the one list: converters and readers use it
 GOOD = "good"
+# Rebuilding data/mvtec is the fix for a damaged converted file; a damaged raw file is fixed where it comes from.
+CORRUPT_FIX = (
+    "rebuild the converted data with `dvc repro -f convert`; if the error comes back, the raw file is damaged: "
+    "replace it in your copy of the raw data (the folder or archive given as `data.local` in params.yaml, or the "
+    "archive in the downloads folder `data.downloads`) and run `dvc repro`"
+)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """8 bits per channel. 16-bit, 32-bit integer and float greyscale are scaled by their bit depth into 0..255
+    (PIL's own conversion clips them instead, which turns most 16-bit pixels white); other modes are unchanged."""
+    if image.mode.startswith("I;16"):  # I;16, I;16B, I;16L: unsigned 16 bits
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, None) >> 8
+    elif image.mode == "I":  # 32-bit integers: 16-bit data (e.g. converted by PIL) when it fits, else 31 bits
+        values = np.clip(np.asarray(image).astype(np.int64), 0, None)
+        grey = values >> (8 if values.max(initial=0) <= 0xFFFF else 23)
+    elif image.mode == "F":  # floats carry no bit depth: the smallest usual range that holds them
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = values.max(initial=0.0)
+        scale = next((r for r in (1.0, 255.0, 65535.0) if top <= r), top)
+        grey = np.clip(values / scale * 255.0 + 0.5, 0, 255)
+    else:
+        return image
+    return Image.fromarray(grey.astype(np.uint8))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -35,14 +59,6 @@ class Subset:
     @property
     def anomaly_classes(self) -> list[str]:
         return sorted(self.anomalies)
-
-    def mask_of(self, file: str) -> Path | None:
-        """The ground-truth mask of an anomaly file, when the dataset has one."""
-        parts = Path(file).parts  # ("test", class, name)
-        if len(parts) != 3:
-            return None
-        mask = self.root / "ground_truth" / parts[1] / f"{Path(parts[2]).stem}_mask.png"
-        return mask if mask.is_file() else None
 
 
 def _images_in(folder: Path, what: str, fix: str) -> list[Path]:
@@ -86,15 +102,15 @@ def validate_dataset(root: str | Path) -> list[str]:
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An image as RGB uint8 (size, size, 3); grey images are replicated to three channels."""
+    """An image as RGB uint8 (size, size, 3); grey images (of any bit depth) are replicated to three channels."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_8bit(im).convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or delete the file and rerun") from None
+        raise UserError(f"cannot read image {path}: {exc}; {CORRUPT_FIX}") from None
 
 
 def load_images(root: Path, files: list[str] | tuple[str, ...], size: int) -> np.ndarray:
