@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -86,6 +87,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             return None
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"params.yaml: {key} = {value!r} is not a finite number")
             return float(value)
     elif annotation is int or annotation is bool or annotation is str:
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):

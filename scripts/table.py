@@ -1,7 +1,7 @@
 """Print the papers' kind of table (mean ± std over seeds) of every commit and experiment DVC knows, next to the
 published figure of the same cell (docs/published.csv) and the difference.
 
-    python scripts/table.py                                # all commits and experiments of this repository
+    python scripts/table.py                                # the commits up to HEAD and their experiments
     python scripts/table.py --group-by classname setting protocol.n_anomalies protocol.known_class
     python scripts/table.py --csv table.csv                # also write the table as CSV
 
@@ -24,10 +24,11 @@ def main() -> None:
     parser.add_argument("--group-by", nargs="+", default=list(GROUP_BY), help="params of a row (dotted names)")
     parser.add_argument("--csv", help="also write the table to this CSV file")
     parser.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    parser.add_argument("--num", type=int, default=1000, help="commits back from HEAD, with their experiments")
     args = parser.parse_args()
     import dvc.api
 
-    runs = runs_from_rows(dvc.api.exp_show(repo=args.repo, all_commits=True))
+    runs = runs_from_rows(dvc.api.exp_show(repo=args.repo, num=args.num))
     if runs.empty:
         print("(no runs with metrics)")
         return

@@ -2,10 +2,9 @@
 
 from common import ROOT, Params, run
 
-from ahl.data.converters import convert_mvtec
+from ahl.data.datasets import get_dataset
 from ahl.data.download import DataConfig
 from ahl.data.mvtec import validate_dataset
-from ahl.data.registry import get_dataset
 from ahl.io import read_json
 
 SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
@@ -13,8 +12,7 @@ SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
 
 def main(params: Params) -> None:
     dataset = get_dataset(read_json(ROOT / SELECTION)["dataset"])
-    converter = dataset.converter or convert_mvtec  # None: already MVTec layout, linked and validated
-    converter(ROOT / RAW, ROOT / OUT, seed=params.section("data", DataConfig).split_seed)
+    dataset.convert(ROOT / RAW, ROOT / OUT, seed=params.section("data", DataConfig).split_seed)
     subsets = validate_dataset(ROOT / OUT)
     print(f"{dataset.name}: {len(subsets)} subset(s) in {OUT}: {', '.join(subsets)}")
 

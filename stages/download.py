@@ -6,11 +6,19 @@ from common import ROOT, Params, run
 
 from ahl.data.download import DataConfig, obtain
 from ahl.data.embedded import EmbeddedConfig
-from ahl.data.registry import get_dataset, get_source
+from ahl.data.datasets import get_dataset, get_source
 from ahl.io import read_json
 from ahl.runtime import show_progress
 
-SELECTION, RAW = "data/selection.json", "data/raw"
+SELECTION, LOCAL, RAW = "data/selection.json", "data/local.json", "data/raw"
+
+
+def _local(local: str | None) -> Path | None:
+    """data.local as a path; relative to the project root (where params.yaml is), like every other path."""
+    if local is None:
+        return None
+    path = Path(local).expanduser()
+    return path if path.is_absolute() else ROOT / path
 
 
 def main(params: Params) -> None:
@@ -25,7 +33,7 @@ def main(params: Params) -> None:
         ROOT / RAW,
         downloads=ROOT / data.downloads,
         mirror=data.mirror,
-        local=Path(data.local).expanduser() if data.local else None,
+        local=_local(data.local),
         progress=show_progress(),
     )
 

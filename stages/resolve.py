@@ -11,7 +11,7 @@ from common import ROOT, SECTIONS, Params, run
 from ahl.data.download import DataConfig
 from ahl.data.embedded import EmbeddedConfig
 from ahl.data.protocol import ProtocolConfig
-from ahl.data.registry import resolve
+from ahl.data.datasets import resolve
 from ahl.features import CacheConfig
 from ahl.io import write_json
 from ahl.metrics import EvaluateConfig
@@ -28,10 +28,15 @@ CONFIGS = {
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 
 
-def main(params: Params) -> None:
+def check(params: Params) -> None:
+    """Every section of params.yaml against its dataclass, and the device; a UserError names what is wrong."""
     for name, cls in CONFIGS.items():
         params.section(name, cls)
     resolve_device(params.device)
+
+
+def main(params: Params) -> None:
+    check(params)
     selection = resolve(params.classname)
     write_json(ROOT / OUT, {"dataset": selection.dataset, "source": selection.source})
 

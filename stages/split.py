@@ -4,7 +4,7 @@ from common import ROOT, Params, run
 
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
-from ahl.data.registry import resolve
+from ahl.data.datasets import resolve
 from ahl.io import write_json
 
 DATA, OUT = "data/mvtec", "data/split.json"

@@ -107,8 +107,9 @@ def test_repro_runs_every_stage_then_nothing(repo):
     roc = json.loads((plots / "sklearn/roc/base.json").read_text())["roc"]
     assert (roc[0]["fpr"], roc[0]["tpr"]) == (0.0, 0.0) and (roc[-1]["fpr"], roc[-1]["tpr"]) == (1.0, 1.0)
     assert json.loads((plots / "sklearn/pr/ahl.json").read_text())["precision_recall"]
-    shown = repo.dvc("plots", "show", "--json").stdout
-    assert "results/evaluation/plots/sklearn/roc/base.json" in shown and "test_auc_roc.tsv" in shown
+    shown = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
+    assert {"ROC", "Precision-Recall", "AHL test AUC-ROC per epoch"} <= set(shown), sorted(shown)
+    assert '"fpr"' in json.dumps(shown["ROC"]) and '"test_auc_roc"' in json.dumps(shown["AHL test AUC-ROC per epoch"])
     second = repo.dvc("repro")
     assert repo.ran(second.stdout) == set()
     # Retraining with the same params and seed gives a byte-identical checkpoint, so nothing after it reruns.
@@ -192,3 +193,21 @@ def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
     assert "error: models/base.pt was made from another " in res.stderr and "dvc repro" in res.stderr
     assert (repo.path / "results/metrics.json").read_text() == before
     assert repo.ran(repo.dvc("repro").stdout) == {"split"}  # the split comes back; nothing else had changed
+
+
+def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp_path_factory):
+    """data.local lives outside DVC: the local_manifest stage hashes it on every repro, so an edit in place reruns
+    download (and what follows) while an unchanged folder reruns nothing."""
+    from test_converters import make_headct
+
+    raw = make_headct(tmp_path_factory.mktemp("headct-raw"))
+    repo = Repo(tmp_path_factory.mktemp("local"), tiny_params({"classname": "headct", "data": {"local": str(raw)}}))
+    first = repo.dvc("repro", "download")
+    assert repo.ran(first.stdout) == {"local_manifest", "resolve", "download"}
+    assert repo.ran(repo.dvc("repro", "download").stdout) == {"local_manifest"}  # always runs; same output
+    image = raw / "head_ct" / "head_ct" / "000.png"
+    image.write_bytes((raw / "head_ct" / "head_ct" / "001.png").read_bytes())  # an edit in place
+    again = repo.dvc("repro", "download")
+    assert repo.ran(again.stdout) == {"local_manifest", "download"}
+    manifest = json.loads((repo.path / "data/local.json").read_text())
+    assert manifest["kind"] == "folder" and any(f["path"].endswith("000.png") for f in manifest["files"])

@@ -92,14 +92,6 @@ def check_mirror(value: object, key: str = "data.mirror") -> None:
         )
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    split_seed: int  # the 3:1 train/test split of normals of non-MVTec datasets (papers: random_state=42)
-    downloads: str  # where archives are downloaded to / placed by hand
-    mirror: str | None  # a URL to use instead of the registered one
-    local: str | None  # a local archive or folder holding the raw data (skips the download)
-
-
 def _bar(progress: bool, **kwargs) -> tqdm:
     return tqdm(disable=not progress or not sys.stderr.isatty(), **kwargs)
 

@@ -49,19 +49,17 @@ class EmbeddedConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise UserError(
-                    f"embedded dataset: {f.name} must be an integer, got {value!r}; set it to a whole number"
-                )
+                raise UserError(f"params.yaml: embedded.{f.name} must be an integer, got {value!r}; set a whole number")
         for name in ("n_train", "n_test_good", "n_per_defect"):
             if getattr(self, name) < 1:
                 raise UserError(
-                    f"embedded dataset: {name} must be positive, got {getattr(self, name)}; "
+                    f"params.yaml: embedded.{name} must be positive, got {getattr(self, name)}; "
                     f"set it to 1 or more (the protocol wants >= 60 train, >= 20 test normals, >= 15 per defect)"
                 )
         if self.image_size < 64:
-            raise UserError(f"embedded dataset: image_size must be >= 64, got {self.image_size}; set it to 64 or more")
+            raise UserError(f"params.yaml: embedded.image_size must be >= 64, got {self.image_size}; set 64 or more")
         if self.seed < 0:
-            raise UserError(f"embedded dataset: seed must be >= 0, got {self.seed}; use a non-negative integer")
+            raise UserError(f"params.yaml: embedded.seed must be >= 0, got {self.seed}; use a non-negative integer")
 
 
 @dataclass(frozen=True)
