@@ -125,7 +125,8 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def cutmix(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A patch of another normal image ``other`` (2-15 % of the area) pasted at a random place in ``image``.
+    """A colour-jittered patch of another normal image ``other`` (2-15 % of the area) pasted at a random place in
+    ``image`` (the official AHL CutMix).
 
     The patch is cut from an independent random place of ``other`` (not the same box, as in classic CutMix),
     so that aligned objects still produce a visible misplacement. ``other`` of another size is resized first.
@@ -137,5 +138,19 @@ def cutmix(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np
     y0, x0 = _corner(height, width, cut_h, cut_w, rng)
     y1, x1 = _corner(height, width, cut_h, cut_w, rng)
     out = image.copy()
-    out[y1 : y1 + cut_h, x1 : x1 + cut_w] = other[y0 : y0 + cut_h, x0 : x0 + cut_w]
+    out[y1 : y1 + cut_h, x1 : x1 + cut_w] = _color_jitter(other[y0 : y0 + cut_h, x0 : x0 + cut_w], rng)
+    return out
+
+
+def rotate(images: np.ndarray, max_degrees: float, interpolation: str, rng: np.random.Generator) -> np.ndarray:
+    """Each image rotated by an angle drawn from [-max_degrees, max_degrees], corners filled black (as
+    torchvision's RandomRotation)."""
+    if max_degrees <= 0:
+        return images
+    mode = TF.InterpolationMode(interpolation)
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        angle = float(rng.uniform(-max_degrees, max_degrees))
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        out[i] = TF.rotate(t, angle, interpolation=mode).permute(1, 2, 0).numpy()
     return out

@@ -29,5 +29,6 @@ class DevNetHeads(ScoringHeads):
 
 # Base batches: half normals, half seen anomalies.
 SPEC = register_model(
-    ModelSpec("devnet", DevNetHeads, anomaly_share=Fraction(1, 2), pseudo_anomalies=False, uses_reference=False)
+    ModelSpec("devnet", DevNetHeads, anomaly_share=Fraction(1, 2), pseudo_anomalies=False, uses_reference=False,
+              lr_step_at_epoch_start=False)
 )

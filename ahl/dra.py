@@ -92,7 +92,8 @@ class DRAHeads(ScoringHeads):
 
 # Base batches: 2/3 normal slots (half of them become CutPaste pseudo anomalies) and 1/3 seen anomalies.
 SPEC = register_model(
-    ModelSpec("dra", DRAHeads, anomaly_share=Fraction(1, 3), pseudo_anomalies=True, uses_reference=True)
+    ModelSpec("dra", DRAHeads, anomaly_share=Fraction(1, 3), pseudo_anomalies=True, uses_reference=True,
+              lr_step_at_epoch_start=True)
 )
 
 __all__ = ["CompositeHead", "DRAHeads", "HolisticHead", "SPEC", "topk_mean"]

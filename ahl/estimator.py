@@ -27,10 +27,10 @@ class GeneralisationEstimator(nn.Module):
     rewards are noisy and not reproducible).
     """
 
-    def __init__(self, n_tasks: int, history: int = 5):
+    def __init__(self, n_tasks: int, history: int = 5, dropout: float = 0.0):
         super().__init__()
         self.n_tasks, self.history = n_tasks, history
-        self.lstm = nn.LSTM(n_tasks, n_tasks, num_layers=2, bidirectional=True, batch_first=True)
+        self.lstm = nn.LSTM(n_tasks, n_tasks, num_layers=2, bidirectional=True, batch_first=True, dropout=dropout)
         self.head = nn.Linear(2 * n_tasks, n_tasks)
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:  # (N, K, T) -> (N, T)
@@ -43,7 +43,7 @@ def rewards(predicted: np.ndarray, labels: np.ndarray, cost: np.ndarray, include
 
     predicted (P, T): psi's predicted final score of adapted model phi_i on sample j; labels (P,): 1 anomaly,
     0 normal; cost (P, T): c_j for task i; include (P, T): sample j is not in task i's own support cluster.
-    As method.md writes it, the MSE compares a raw final score with the binary label: the score is not
+    As the AHL paper writes it, the MSE compares a raw final score with the binary label: the score is not
     rescaled (DevNet's anomaly scores sit near the margin 5, DRA's normals near -5), so r also grows with the
     score's scale; a task whose scores stay closest to {0, 1} on data it did not see gets the largest weight.
     """
@@ -94,7 +94,7 @@ class QueryPool:
         return np.concatenate([np.zeros(len(self.normals)), np.ones(len(self.seen) + n_pseudo)]).astype(np.float32)
 
     def cost_and_include(self, tasks: list[Task]) -> tuple[np.ndarray, np.ndarray]:
-        """(c (P, T), include (P, T)) of the reward of each task; our reading of method.md:
+        """(c (P, T), include (P, T)) of the reward of each task; our reading of the AHL paper:
 
         - include[j, i]: "query data not in task i's own support cluster". A normal is excluded when it belongs
           to task i's support cluster; so is a pseudo anomaly made from such a normal (it is a support normal
@@ -129,10 +129,13 @@ class EstimatorConfig:
     weight_decay: float = 1e-3
     steps: int = 10  # Adam steps on psi after each epoch (full batch over every window of the history)
     weighting: str = "psi"  # "psi" | "uniform" (ablation: w = 1/T throughout)
+    dropout: float = 0.5  # between the LSTM's two layers, while psi trains (official)
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"ahl.weighting = {self.weighting!r}: expected one of {WEIGHTINGS}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"params.yaml: ahl.psi_dropout = {self.dropout}: must be in [0, 1)")
         if self.history < 1 or self.steps < 0:
             raise UserError(f"ahl.history = {self.history}, psi steps = {self.steps}: need history >= 1, steps >= 0")
 
@@ -150,7 +153,8 @@ class GeneralisationEstimation:
         self.n_tasks, self.config, self.device = n_tasks, config, torch.device(device)
         with torch.random.fork_rng(devices=[]):  # psi's init must not touch (or depend on) the global RNG
             torch.manual_seed(seed)
-            self.psi = GeneralisationEstimator(n_tasks, config.history).to(self.device)
+            self.psi = GeneralisationEstimator(n_tasks, config.history, config.dropout).to(self.device)
+        self.seed = seed
         self.optimizer = torch.optim.Adam(self.psi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scores: list[np.ndarray] = []  # one (P, T) matrix per epoch
         self.trained = False
@@ -172,11 +176,13 @@ class GeneralisationEstimation:
         inputs = torch.cat([history[:, t - k : t] for t in range(k, history.shape[1])])  # (P * W, K, T)
         targets = torch.cat([history[:, t] for t in range(k, history.shape[1])])  # (P * W, T)
         self.psi.train()
-        for _ in range(self.config.steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = torch.mean((self.psi(inputs) - targets) ** 2)
-            loss.backward()
-            self.optimizer.step()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed * 1000 + len(self.scores))  # dropout masks from the seed and the epoch
+            for _ in range(self.config.steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = torch.mean((self.psi(inputs) - targets) ** 2)
+                loss.backward()
+                self.optimizer.step()
         self.trained = True
         return float(loss.detach())
 

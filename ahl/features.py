@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ahl.augment import cutmix, cutpaste
+from ahl.augment import cutmix, cutpaste, rotate
 from ahl.backbones import to_input
 from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
@@ -105,6 +105,7 @@ class PseudoAnomalyMaker:
 
     normals: Sequence[np.ndarray]  # N images (H, W, 3) uint8, or an (N, H, W, 3) array
     sources: Sequence[np.ndarray] | None = None  # DRAEM texture pool; None -> anomaly_sources(None)
+    rotation: float = 0.0  # CutPaste and CutMix images are rotated by up to this many degrees (nearest)
 
     def __post_init__(self) -> None:
         if self.sources is None:
@@ -117,13 +118,13 @@ class PseudoAnomalyMaker:
             raise IndexError(f"normal index {index} out of range for {n} normal images")
         image = np.asarray(self.normals[index])
         if family == "cutpaste":
-            return cutpaste(image, rng)
+            return rotate(cutpaste(image, rng)[None], self.rotation, "nearest", rng)[0]
         if family == "cutmix":
             if n < 2:
                 raise UserError("the cutmix pseudo anomalies need at least 2 normal training images, got 1")
             other = int(rng.integers(n - 1))
             other += other >= index  # uniform over the normals other than `index`
-            return cutmix(image, np.asarray(self.normals[other]), rng)
+            return rotate(cutmix(image, np.asarray(self.normals[other]), rng)[None], self.rotation, "nearest", rng)[0]
         if family == "draem":
             assert self.sources is not None  # set in __post_init__
             if len(self.sources) == 0:
@@ -139,6 +140,9 @@ class CacheConfig:
     batch_size: int = 32
     dtd_dir: str | None = None  # a folder of DTD textures for DRAEM; None = scikit-image's photographs
     variants: int = 1  # independent draws of every family ("family@k"), for ahl.redraw_augmentation
+    # CutPaste and CutMix pseudo anomalies are rotated by up to this many degrees (nearest neighbour, black
+    # corners), as the official AHL feature extraction does (RandomRotation(180)); 0 = not rotated
+    pseudo_rotation: float = 180.0
 
     def __post_init__(self) -> None:
         for family in self.families:
@@ -148,10 +152,32 @@ class CacheConfig:
             raise UserError("params.yaml: features.families needs at least 2 families (support and query differ)")
         if self.batch_size < 1:
             raise UserError(f"params.yaml: features.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.pseudo_rotation <= 180:
+            raise UserError(f"params.yaml: features.pseudo_rotation must be in [0, 180], got {self.pseudo_rotation}")
         if self.variants < 1:
             raise UserError(f"params.yaml: features.variants must be >= 1, got {self.variants}")
         if self.dtype not in ("float16", "float32"):
             raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
+
+
+def _extract(model, images_of, n: int, out: Path, name: str, config: CacheConfig, device, progress: bool) -> None:
+    """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``."""
+    arrays = None
+    bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
+    for start in range(0, n, config.batch_size):
+        batch = np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
+        feats = model.features(to_input(batch, device))
+        if arrays is None:
+            arrays = [
+                np.lib.format.open_memmap(out / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:]))
+                for s, f in enumerate(feats)
+            ]
+        for s, f in enumerate(feats):
+            arrays[s][start : start + len(batch)] = f.cpu().numpy().astype(config.dtype)
+        bar.update(len(batch))
+    bar.close()
+    for a in arrays or []:
+        a.flush()
 
 
 def write_cache(
@@ -175,46 +201,23 @@ def write_cache(
     model.eval()
     normals = splits["train_normal"][0]
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
-    maker = PseudoAnomalyMaker(list(normals), sources)
-    n_scales = len(reference)
-
-    def image_batches(images_of: callable, n: int):
-        for start in range(0, n, config.batch_size):
-            yield start, np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
-
-    index: dict = {"n_scales": n_scales, "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
+    maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
+    index: dict = {"n_scales": len(reference), "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
     with atomic_dir(out) as tmp, torch.no_grad():
 
-        def extract(name: str, n: int, images_of: callable, labels, classes, files) -> None:
-            arrays = None
-            bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
-            for start, batch in image_batches(images_of, n):
-                x = to_input(batch, device)
-                feats = model.features(x)
-                if arrays is None:
-                    arrays = [
-                        np.lib.format.open_memmap(
-                            tmp / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:])
-                        )
-                        for s, f in enumerate(feats)
-                    ]
-                for s, f in enumerate(feats):
-                    arrays[s][start : start + len(batch)] = f.cpu().numpy().astype(config.dtype)
-                bar.update(len(batch))
-            bar.close()
-            for a in arrays or []:
-                a.flush()
+        def extract(name: str, images_of, labels, classes, files) -> None:
+            _extract(model, images_of, len(labels), tmp, name, config, device, progress)
             index["splits"][name] = {"labels": [int(v) for v in labels], "classes": list(classes), "files": list(files)}
 
         for name, (images, labels, classes, files) in splits.items():
-            extract(name, len(images), lambda i, images=images: images[i], labels, classes, files)
+            extract(name, lambda i, images=images: images[i], labels, classes, files)
         n = len(normals)
         for k, family in enumerate(config.families):
             for v in range(config.variants):
                 rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
                 made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8
                 name = f"pseudo_{family}" if config.variants == 1 else f"pseudo_{family}@{v}"
-                extract(name, n, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
+                extract(name, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
         for s, r in enumerate(reference):
             np.save(tmp / f"reference.s{s}.npy", r.float().cpu().numpy())
         write_json(tmp / INDEX, index)

@@ -24,10 +24,15 @@ class HADGConfig:
     n_clusters: int = 3  # C of k-means on the normal training features
     min_cluster_size: int = 3  # clusters with fewer members (the paper: <= 2) are dropped
     random_clusters: bool = False  # ablation: random splits of the normals, of the k-means cluster sizes
+    # what k-means sees: "flattened" = the scale-0 feature map flattened (C*H*W values, the official code);
+    # "pooled" = global-average-pooled features of every scale, concatenated
+    features: str = "flattened"
 
     def __post_init__(self) -> None:
         if self.n_clusters < 2:
             raise UserError(f"ahl.hadg.n_clusters = {self.n_clusters}: AHL needs at least 2 clusters (paper: 3)")
+        if self.features not in ("flattened", "pooled"):
+            raise UserError(f"params.yaml: ahl.hadg.features = {self.features!r}: expected flattened or pooled")
         if self.min_cluster_size < 1:
             raise UserError(f"ahl.hadg.min_cluster_size = {self.min_cluster_size}: must be >= 1 (paper: 3)")
 
@@ -48,6 +53,14 @@ class Task:
     query_family: str  # ... and a different one for the query set
     support_cluster: int
     query_cluster: int
+
+
+def cluster_features(scales: Sequence[np.ndarray], how: str) -> np.ndarray:
+    """The vectors k-means clusters: ``flattened`` scale-0 maps (N, C*H*W) or ``pooled`` ones (N, sum C)."""
+    if how == "pooled":
+        return pool_features(scales)
+    x = scales[0]
+    return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
 
 
 def pool_features(scales: Sequence[np.ndarray], chunk: int = 256) -> np.ndarray:
@@ -206,5 +219,6 @@ __all__ = [
     "draw_batch",
     "family_variants",
     "make_tasks",
+    "cluster_features",
     "pool_features",
 ]

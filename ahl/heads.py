@@ -113,6 +113,8 @@ class ModelSpec:
     pseudo_anomalies: base training turns each normal slot into a CutPaste pseudo anomaly with probability
         base.pseudo_prob (DRA's pseudo head needs them).
     uses_reference: the heads compare each image with the mean feature of base.n_ref reference normals.
+    lr_step_at_epoch_start: base training steps its StepLR before each epoch (official DRA) instead of after
+        (official DevNet).
     """
 
     name: str
@@ -120,6 +122,7 @@ class ModelSpec:
     anomaly_share: Fraction
     pseudo_anomalies: bool
     uses_reference: bool
+    lr_step_at_epoch_start: bool
 
 
 MODELS: dict[str, ModelSpec] = {}

@@ -25,8 +25,9 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "published.csv"
 
 
 def _value(v: Any) -> Any:
-    """dvc.api.exp_show gives every number as float and None as "None"; undo both."""
-    if v == "None":
+    """dvc.api.exp_show gives every number as float, None as "None", and "-" / "!" where a value is absent or
+    could not be read; undo that."""
+    if v in ("None", "-", "!"):
         return None
     if isinstance(v, float) and v.is_integer():
         return int(v)
@@ -55,6 +56,10 @@ def _split(row: dict, metrics_file: str) -> tuple[dict, dict]:
     return params, metrics
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.json") -> pd.DataFrame:
     """One row per run and model (base, AHL): the run's params (dotted names), its setting, model and metrics.
 
@@ -71,7 +76,7 @@ def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.js
             name = metrics[f"{model}.model"]
             entry = {**params, "run": row.get("Experiment") or row.get("rev"), "setting": metrics.get("setting")}
             entry["model"] = PAPER_MODEL.get(name, name)
-            entry.update({m: metrics.get(f"{model}.{m}") for m in METRICS})
+            entry.update({m: _number(metrics.get(f"{model}.{m}")) for m in METRICS})
             out.append(entry)
     return pd.DataFrame(out)
 

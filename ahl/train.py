@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from ahl.augment import cutpaste
+from ahl.augment import cutpaste, rotate
 from ahl.backbones import to_input
-from ahl.config import at_least, positive
+from ahl.config import at_least, one_of, positive
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
@@ -42,13 +41,18 @@ class BaseConfig:
     margin: float = 5.0  # deviation-loss margin a
     pseudo_prob: float = 0.5  # DRA: probability that a normal slot becomes a pseudo anomaly
     rotation: float = 180.0  # random rotation in [-rotation, rotation] degrees
+    rotation_interpolation: str = "nearest"  # official (torchvision RandomRotation's default) | "bilinear"
+    grad_clip: float = 1.0  # max norm of the gradient (official DRA and DevNet); 0 = no clipping
+    sampling: str = "cycle"  # official: each image once per pass in a fresh permutation | "replace": i.i.d. draws
 
     def __post_init__(self) -> None:
         get_model(self.model)
         for name in ("epochs", "steps_per_epoch", "batch_size", "lr", "n_ref", "topk", "margin", "lr_step", "lr_gamma"):
             positive(f"base.{name}", getattr(self, name))
-        for name in ("weight_decay", "rotation"):
+        for name in ("weight_decay", "rotation", "grad_clip"):
             at_least(f"base.{name}", getattr(self, name), 0)
+        one_of("base.rotation_interpolation", self.rotation_interpolation, ("nearest", "bilinear"))
+        one_of("base.sampling", self.sampling, ("cycle", "replace"))
         if self.topk > 1:
             raise UserError(f"params.yaml: base.topk = {self.topk} is a fraction of positions: use a value in (0, 1]")
         if not 0 <= self.pseudo_prob <= 1:
@@ -57,15 +61,20 @@ class BaseConfig:
             positive("base.batch_size - 3", self.batch_size - 3)
 
 
-def _rotate(images: np.ndarray, max_degrees: float, rng: np.random.Generator) -> np.ndarray:
-    if max_degrees <= 0:
-        return images
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        angle = float(rng.uniform(-max_degrees, max_degrees))
-        t = torch.from_numpy(img).permute(2, 0, 1)
-        out[i] = TF.rotate(t, angle, interpolation=TF.InterpolationMode.BILINEAR).permute(1, 2, 0).numpy()
-    return out
+class _Indices:
+    """Indices into n items: ``cycle`` = consecutive passes, each a fresh permutation (the official samplers'
+    generator); ``replace`` = independent draws."""
+
+    def __init__(self, n: int, how: str, rng: np.random.Generator):
+        self.n, self.how, self.rng, self.order = n, how, rng, np.zeros(0, np.int64)
+
+    def take(self, k: int) -> np.ndarray:
+        if self.how == "replace":
+            return self.rng.integers(0, self.n, k)
+        while len(self.order) < k:
+            self.order = np.concatenate([self.order, self.rng.permutation(self.n)])
+        out, self.order = self.order[:k], self.order[k:]
+        return out
 
 
 class BatchSampler:
@@ -73,14 +82,17 @@ class BatchSampler:
 
     def __init__(self, normals: np.ndarray, anomalies: np.ndarray, config: BaseConfig, rng: np.random.Generator):
         self.normals, self.anomalies, self.config, self.rng = normals, anomalies, config, rng
+        self.normal_idx = _Indices(len(normals), config.sampling, rng)
+        self.anomaly_idx = _Indices(len(anomalies), config.sampling, rng)
+        self.reference_idx = _Indices(len(normals), config.sampling, rng)
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images (B, H, W, 3) uint8, labels (B,), reference images (n_ref, H, W, 3) or None)."""
         cfg, rng = self.config, self.rng
         spec = get_model(cfg.model)
-        n_anom = int(cfg.batch_size * spec.anomaly_share)
-        n_norm = cfg.batch_size - n_anom
-        normal_idx = rng.integers(0, len(self.normals), n_norm)
+        n_norm = int(cfg.batch_size * (1 - spec.anomaly_share))  # the official 2B // 3 (DRA), B // 2 (DevNet)
+        n_anom = cfg.batch_size - n_norm
+        normal_idx = self.normal_idx.take(n_norm)
         images = [self.normals[i] for i in normal_idx]
         labels = [NORMAL] * n_norm
         if spec.pseudo_anomalies:
@@ -88,13 +100,13 @@ class BatchSampler:
                 if rng.random() < cfg.pseudo_prob:
                     images[j] = cutpaste(images[j], rng)
                     labels[j] = PSEUDO
-        anomaly_idx = rng.integers(0, len(self.anomalies), n_anom)
-        images += [self.anomalies[i] for i in anomaly_idx]
+        images += [self.anomalies[i] for i in self.anomaly_idx.take(n_anom)]
         labels += [SEEN] * n_anom
-        batch = _rotate(np.stack(images), cfg.rotation, rng)
+        batch = rotate(np.stack(images), cfg.rotation, cfg.rotation_interpolation, rng)
         reference = None
         if spec.uses_reference:
-            reference = _rotate(self.normals[rng.integers(0, len(self.normals), cfg.n_ref)], cfg.rotation, rng)
+            refs = self.normals[self.reference_idx.take(cfg.n_ref)]
+            reference = rotate(refs, cfg.rotation, cfg.rotation_interpolation, rng)
         return batch, np.asarray(labels, dtype=np.int64), reference
 
 
@@ -120,6 +132,29 @@ def reference_features(model: AnomalyModel, images: np.ndarray, device: torch.de
     return [f.mean(dim=0) for f in model.features(to_input(images, device))]
 
 
+def _epoch(model, sampler, optimizer, config: BaseConfig, device, desc: str, progress: bool) -> float:
+    """One epoch of steps_per_epoch clipped Adam steps; returns the mean loss."""
+    model.train()
+    losses = []
+    bar = tqdm(range(config.steps_per_epoch), desc=desc, disable=not progress)
+    for _ in bar:
+        images, labels, ref = sampler()
+        loss = train_step(
+            model,
+            to_input(images, device),
+            torch.from_numpy(labels).to(device),
+            None if ref is None else to_input(ref, device),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return float(np.mean(losses))
+
+
 def train_base(
     normals: np.ndarray,
     anomalies: np.ndarray,
@@ -138,29 +173,19 @@ def train_base(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     sampler = BatchSampler(normals, anomalies, config, rng)
+    step_at_start = get_model(config.model).lr_step_at_epoch_start
     history = []
     for epoch in range(config.epochs):
-        model.train()
-        start, losses = time.perf_counter(), []
-        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
-        for _ in bar:
-            images, labels, ref = sampler()
-            loss = train_step(
-                model,
-                to_input(images, device),
-                torch.from_numpy(labels).to(device),
-                None if ref is None else to_input(ref, device),
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        scheduler.step()
+        if step_at_start:  # official DRA steps StepLR before each epoch: the rate drops one epoch earlier
+            scheduler.step()
+        start = time.perf_counter()
+        loss = _epoch(model, sampler, optimizer, config, device, f"epoch {epoch + 1}/{config.epochs}", progress)
+        if not step_at_start:
+            scheduler.step()
         # Wall times go to the log only: the checkpoint must be byte-identical for the same params and seed,
         # so that DVC sees an unchanged output and skips the stages after it.
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
-        log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, history[-1]["loss"], time.perf_counter() - start)
+        history.append({"epoch": epoch + 1, "loss": loss})
+        log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, loss, time.perf_counter() - start)
 
     # A fixed reference set for scoring: n_ref normals chosen with the seed, features in eval mode.
     ref_idx = np.sort(rng.choice(len(normals), size=min(config.n_ref, len(normals)), replace=False))

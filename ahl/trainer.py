@@ -23,7 +23,7 @@ from ahl.errors import UserError
 from ahl.estimator import WEIGHTINGS, EstimatorConfig, GeneralisationEstimation, QueryPool
 from ahl.features import FeatureCache
 from ahl.hadg import BatchIndex, HADGConfig, Task, cluster_normals, draw_batch, family_variants, make_tasks
-from ahl.hadg import pool_features
+from ahl.hadg import cluster_features
 from ahl.heads import HeadsEnsemble, ScoringHeads
 from ahl.model import build_heads
 from ahl.scoring import final_scores
@@ -56,6 +56,7 @@ class AHLConfig:
     history: int = 5  # K epochs psi reads
     psi_lr: float = 2e-3
     psi_wd: float = 1e-3
+    psi_dropout: float = 0.5  # between psi's two LSTM layers (official)
     psi_steps: int = 10  # Adam steps on psi after every epoch
     pool_pseudo_per_family: int = 32  # pseudo anomalies per family in psi's fixed query pool
     weighting: str = "psi"  # "psi" | "uniform" (ablation: no generalisation estimator)
@@ -92,7 +93,7 @@ class AHLConfig:
     def estimator(self) -> EstimatorConfig:
         return EstimatorConfig(
             history=self.history, lr=self.psi_lr, weight_decay=self.psi_wd, steps=self.psi_steps,
-            weighting=self.weighting,
+            weighting=self.weighting, dropout=self.psi_dropout,
         )
 
 
@@ -143,7 +144,8 @@ class AHLTrainer:
         self.rng = np.random.default_rng(seed)
         self.variants = family_variants(list(cache.pseudo))
         self.families = sorted(self.variants)
-        self.clusters = cluster_normals(pool_features(cache.train_normal.scales), config.hadg, seed)
+        features = cluster_features(cache.train_normal.scales, config.hadg.features)
+        self.clusters = cluster_normals(features, config.hadg, seed)
         self.tasks = make_tasks(self.clusters, len(cache.train_anomaly), self.families, self.rng)
         splits = [v for vs in self.variants.values() for v in (vs if config.redraw_augmentation else vs[:1])]
         self.store = FeatureStore(cache, splits, self.device)

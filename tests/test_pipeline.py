@@ -91,7 +91,7 @@ def repo(tmp_path_factory) -> Repo:
 def test_repro_runs_every_stage_then_nothing(repo):
     first = repo.dvc("repro")
     assert repo.ran(first.stdout) == {
-        "resolve", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
+        "local_manifest", "resolve", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
     }
     metrics = json.loads((repo.path / "results/metrics.json").read_text())
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
@@ -110,12 +110,13 @@ def test_repro_runs_every_stage_then_nothing(repo):
     shown = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     assert {"ROC", "Precision-Recall", "AHL test AUC-ROC per epoch"} <= set(shown), sorted(shown)
     assert '"fpr"' in json.dumps(shown["ROC"]) and '"test_auc_roc"' in json.dumps(shown["AHL test AUC-ROC per epoch"])
+    # local_manifest hashes data.local (outside DVC) on every repro; its output, and so everything else, is unchanged
     second = repo.dvc("repro")
-    assert repo.ran(second.stdout) == set()
+    assert repo.ran(second.stdout) == {"local_manifest"}
     # Retraining with the same params and seed gives a byte-identical checkpoint, so nothing after it reruns.
     forced = repo.dvc("repro", "-f", "-s", "train_base")
     assert repo.ran(forced.stdout) == {"train_base"}
-    assert repo.ran(repo.dvc("repro").stdout) == set()
+    assert repo.ran(repo.dvc("repro").stdout) == {"local_manifest"}
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline")
 
@@ -127,13 +128,13 @@ def test_repro_runs_every_stage_then_nothing(repo):
 def test_evaluation_param_reruns_only_evaluation(repo):
     before = json.loads((repo.path / "results/metrics.json").read_text())
     res = repo.dvc("exp", "run", "-S", "evaluate.batch_size=5")
-    assert repo.ran(res.stdout) == {"resolve", "evaluate"}
+    assert repo.ran(res.stdout) == {"local_manifest", "resolve", "evaluate"}
     assert json.loads((repo.path / "results/metrics.json").read_text()) == before  # batch size changes nothing
 
 
 def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
     res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.batch_size=32")
-    assert repo.ran(res.stdout) == {"resolve", "train_ahl", "evaluate"}
+    assert repo.ran(res.stdout) == {"local_manifest", "resolve", "train_ahl", "evaluate"}
 
 
 def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):
@@ -144,7 +145,7 @@ def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):
         res = repo.dvc("repro", check=False)
     finally:
         params.write_text(good)
-    assert res.returncode != 0 and repo.ran(res.stdout) == {"resolve"}
+    assert res.returncode != 0 and repo.ran(res.stdout) <= {"local_manifest", "resolve"}
     assert "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?)" in res.stderr + res.stdout
 
 
@@ -192,7 +193,7 @@ def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
     assert res.returncode == 2
     assert "error: models/base.pt was made from another " in res.stderr and "dvc repro" in res.stderr
     assert (repo.path / "results/metrics.json").read_text() == before
-    assert repo.ran(repo.dvc("repro").stdout) == {"split"}  # the split comes back; nothing else had changed
+    assert repo.ran(repo.dvc("repro").stdout) == {"local_manifest", "split"}  # the split comes back, nothing else
 
 
 def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp_path_factory):

