@@ -23,7 +23,7 @@ from ahl.runtime import setup_logging  # noqa: E402
 log = logging.getLogger("stage")
 T = TypeVar("T")
 
-# The top level of params.yaml: three values and one section per part of the pipeline. The stage `resolve`
+# The top level of params.yaml: three values and one section per part of the pipeline. The stage `selection`
 # (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
 VALUES = ("classname", "seed", "device")
 SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 from common import SECTIONS, Params  # noqa: E402
 
-CONFIGS = runpy.run_path(str(ROOT / "stages" / "resolve.py"))["CONFIGS"]
+CONFIGS = runpy.run_path(str(ROOT / "stages" / "selection.py"))["CONFIGS"]
 COMMITTED = load_yaml(ROOT / "params.yaml")
 
 
@@ -110,7 +110,7 @@ def test_a_stage_prints_one_line_and_exits_2(tmp_path):
     raw["evaluate"]["batch_sise"] = raw["evaluate"].pop("batch_size")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     res = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "resolve.py"), "--params", str(tmp_path / "params.yaml")],
+        [sys.executable, str(ROOT / "stages" / "selection.py"), "--params", str(tmp_path / "params.yaml")],
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 2

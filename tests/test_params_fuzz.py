@@ -1,5 +1,5 @@
 """Fuzz params.yaml: any value of any type at any key gives either a valid config or a one-line UserError that
-names the key; never a traceback. (The first stage, resolve, runs exactly this check.)"""
+names the key; never a traceback. (The first stage, selection, runs exactly this check.)"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 from common import Params  # noqa: E402
 
-CHECK = runpy.run_path(str(ROOT / "stages" / "resolve.py"))["check"]
+CHECK = runpy.run_path(str(ROOT / "stages" / "selection.py"))["check"]
 COMMITTED = load_yaml(ROOT / "params.yaml")
 
 

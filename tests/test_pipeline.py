@@ -91,7 +91,7 @@ def repo(tmp_path_factory) -> Repo:
 def test_repro_runs_every_stage_then_nothing(repo):
     first = repo.dvc("repro")
     assert repo.ran(first.stdout) == {
-        "local_manifest", "resolve", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
+        "local_manifest", "selection", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
     }
     metrics = json.loads((repo.path / "results/metrics.json").read_text())
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
@@ -121,20 +121,20 @@ def test_repro_runs_every_stage_then_nothing(repo):
     repo.git("commit", "-qm", "baseline")
 
 
-# `resolve` checks every section of params.yaml, so it reruns on any param change; its output (dataset and source)
+# `selection` checks every section of params.yaml, so it reruns on any param change; its output (dataset and source)
 # stays the same, so nothing after it reruns because of it.
 
 
 def test_evaluation_param_reruns_only_evaluation(repo):
     before = json.loads((repo.path / "results/metrics.json").read_text())
     res = repo.dvc("exp", "run", "-S", "evaluate.batch_size=5")
-    assert repo.ran(res.stdout) == {"local_manifest", "resolve", "evaluate"}
+    assert repo.ran(res.stdout) == {"local_manifest", "selection", "evaluate"}
     assert json.loads((repo.path / "results/metrics.json").read_text()) == before  # batch size changes nothing
 
 
 def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
     res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.batch_size=32")
-    assert repo.ran(res.stdout) == {"local_manifest", "resolve", "train_ahl", "evaluate"}
+    assert repo.ran(res.stdout) == {"local_manifest", "selection", "train_ahl", "evaluate"}
 
 
 def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):
@@ -145,7 +145,7 @@ def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):
         res = repo.dvc("repro", check=False)
     finally:
         params.write_text(good)
-    assert res.returncode != 0 and repo.ran(res.stdout) <= {"local_manifest", "resolve"}
+    assert res.returncode != 0 and repo.ran(res.stdout) <= {"local_manifest", "selection"}
     assert "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?)" in res.stderr + res.stdout
 
 
@@ -153,7 +153,7 @@ def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):
     res = repo.dvc("exp", "run", "-S", "classname=grass", "-S", "evaluate.batch_size=32")
     ran = repo.ran(res.stdout)
     assert "download" not in ran and "convert" not in ran
-    assert {"resolve", "split", "train_base", "evaluate"} <= ran
+    assert {"selection", "split", "train_base", "evaluate"} <= ran
     assert json.loads((repo.path / "results/metrics.json").read_text())["classname"] == "grass"
     diff = repo.dvc("metrics", "diff", "--json").stdout
     changed = json.loads(diff)["results/metrics.json"]
@@ -206,7 +206,7 @@ def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp
     raw = make_headct(tmp_path_factory.mktemp("headct-raw"))
     repo = Repo(tmp_path_factory.mktemp("local"), tiny_params({"classname": "headct", "data": {"local": str(raw)}}))
     first = repo.dvc("repro", "download")
-    assert repo.ran(first.stdout) == {"local_manifest", "resolve", "download"}
+    assert repo.ran(first.stdout) == {"local_manifest", "selection", "download"}
     assert repo.ran(repo.dvc("repro", "download").stdout) == {"local_manifest"}  # always runs; same output
     image = raw / "head_ct" / "head_ct" / "000.png"
     image.write_bytes((raw / "head_ct" / "head_ct" / "001.png").read_bytes())  # an edit in place

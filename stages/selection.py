@@ -1,4 +1,4 @@
-"""Stage resolve: check params.yaml in full, then classname -> the dataset and source it needs (data/selection.json).
+"""Stage selection: check params.yaml in full, then classname -> the dataset and source it needs (data/selection.json).
 
 Every section is checked against its dataclass here, at the start of the pipeline, so a typo or a bad value in
 any section stops `dvc repro` before anything is downloaded or trained. Downstream, download and convert depend
