@@ -1,0 +1,352 @@
+"""The parity harness (benchmarks/parity) against a tiny FAKE official tree: the shims, the hand-over of our
+split to the official dataset class, the runner, and the errors for a missing checkout. No network, no real
+official code needed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.parity import run as run_mod
+from benchmarks.parity import units
+from benchmarks.parity.official_runner import handover_lists, install_handover, write_handover
+from benchmarks.parity.shims import (
+    FeatureBody,
+    MissingCheckout,
+    Patches,
+    ScoreRecorder,
+    check_checkout,
+    import_official,
+    official_path,
+    replace_backbone,
+    sorted_listdir,
+    standard_reference,
+    torch2,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_FILES = {
+    "modeling/__init__.py": "",
+    "modeling/net.py": '''
+        import torch
+        from torch import nn
+
+        NET_OUT_DIM = {"resnet18": 512}
+
+        def build_feature_extractor(backbone, cfg=None):
+            raise RuntimeError("the fake official backbone builder would download ImageNet weights")
+
+        class Model(nn.Module):
+            def __init__(self, backbone="resnet18"):
+                super().__init__()
+                self.feature_extractor = build_feature_extractor(backbone)
+                self.conv = nn.Conv2d(NET_OUT_DIM[backbone], 1, kernel_size=1)
+
+            def forward(self, x):
+                return self.conv(self.feature_extractor(x))
+
+        def to_gpu(t):
+            return t.cuda()
+    ''',
+    "modeling/layers/__init__.py": "",
+    "modeling/layers/deviation_loss.py": '''
+        import torch
+
+        def reference():
+            return torch.normal(mean=0.0, std=torch.full([5000], 1.0))
+    ''',
+    "datasets/__init__.py": "",
+    "datasets/mvtecad.py": '''
+        import os
+        import numpy as np
+
+        class MVTecAD:
+            def __init__(self, args, train=True):
+                self.args, self.train = args, train
+                root = os.path.join(args.dataset_root, args.classname)
+                split = "train" if train else "test"
+                normal = [split + "/good/" + f for f in os.listdir(os.path.join(root, split, "good"))]
+                outlier, _ = self.split_outlier()
+                self.images = normal + outlier
+                self.labels = np.array([0] * len(normal) + [1] * len(outlier))
+
+            def split_outlier(self):
+                root = os.path.join(self.args.dataset_root, self.args.classname, "test")
+                files = ["test/" + c + "/" + f for c in os.listdir(root) if c != "good"
+                         for f in os.listdir(os.path.join(root, c))]
+                np.random.RandomState(42).shuffle(files)
+                n = self.args.nAnomaly
+                return (files[:n], []) if self.train else (files[n:], [])
+    ''',
+    "train.py": '''
+        import argparse
+        import torch
+        from sklearn.metrics import roc_auc_score
+        from datasets.mvtecad import MVTecAD
+        from modeling.net import Model
+
+        class Loader:
+            def __init__(self, dataset):
+                self.dataset = dataset
+
+        class Trainer:
+            def __init__(self, args):
+                self.train_set = MVTecAD(args, train=True)
+                self.test_loader = Loader(MVTecAD(args, train=False))
+                self.model = Model(args.backbone).cuda()
+
+            def eval(self):
+                n = len(self.test_loader.dataset.images)
+                x = torch.rand(n, 3, 32, 32).cuda()
+                with torch.no_grad():
+                    scores = self.model(x).mean(dim=(1, 2, 3))
+                print("AUC-ROC", roc_auc_score(self.test_loader.dataset.labels, scores.numpy()))
+
+        if __name__ == "__main__":
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--dataset_root")
+            parser.add_argument("--classname")
+            parser.add_argument("--backbone", default="resnet18")
+            parser.add_argument("--nAnomaly", type=int, default=10)
+            args = parser.parse_args()
+            trainer = Trainer(args)
+            trainer.model = trainer.model.to("cuda")
+            trainer.eval()
+    ''',
+}
+
+
+@pytest.fixture()
+def fake_official(tmp_path) -> Path:
+    """A fake checkout with the official DRA repository's module and function names."""
+    root = tmp_path / "official-dra"
+    for rel, text in FAKE_FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+@pytest.fixture()
+def mvtec(tmp_path) -> Path:
+    """A data folder in MVTec layout (empty files: the fake official code never reads pixels)."""
+    base = tmp_path / "mvtec" / "cls"
+    files = {"train/good": ["c.png", "a.png", "b.png"], "test/good": ["n2.png", "n1.png"],
+             "test/hole": ["h2.png", "h1.png", "h3.png"], "test/stain": ["s1.png", "s2.png"]}  # fmt: skip
+    for folder, names in files.items():
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base / folder / name).write_bytes(b"")
+    return tmp_path / "mvtec"
+
+
+SPLIT = {
+    "classname": "cls",
+    "setting": "general",
+    "train": [{"file": f"train/good/{n}.png", "label": 0, "cls": "good", "seen": False, "contaminated": False}
+              for n in "abc"] + [{"file": "test/hole/h2.png", "label": 1, "cls": "hole", "seen": False,
+                                  "contaminated": False}],
+    "test": [{"file": "test/good/n1.png", "label": 0, "cls": "good", "seen": False, "contaminated": False},
+             {"file": "test/good/n2.png", "label": 0, "cls": "good", "seen": False, "contaminated": False},
+             {"file": "test/hole/h1.png", "label": 1, "cls": "hole", "seen": True, "contaminated": False},
+             {"file": "test/stain/s1.png", "label": 1, "cls": "stain", "seen": False, "contaminated": False}],
+    "seen_classes": ["hole"],
+    "config": {},
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# missing checkouts
+
+
+def test_missing_checkout_names_the_flag_and_where_to_get_it(tmp_path):
+    with pytest.raises(MissingCheckout) as err:
+        check_checkout("ahl", tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "--official-ahl" in msg and "does not exist" in msg and "git clone https://github.com/mala-lab/AHL" in msg
+    with pytest.raises(MissingCheckout, match=r"--official-devnet is required.*deviation-network-image"):
+        check_checkout("devnet", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingCheckout, match=r"not a checkout of https://github.com/Choubo/DRA \(no modeling/net.py\)"):
+        check_checkout("dra", tmp_path / "empty")
+
+
+def test_units_and_run_print_a_clear_error_for_a_missing_checkout(tmp_path, fake_official, capsys):
+    code = units.main(["--official-dra", str(fake_official), "--official-devnet", str(tmp_path / "devnet"),
+                       "--official-ahl", str(tmp_path / "ahl")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --official-devnet") and "git clone https://github.com/Choubo/deviation-network-image" in err
+    code = run_mod.main(["--official-dra", str(tmp_path / "x"), "--model", "dra", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "git clone https://github.com/Choubo/DRA" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_check_checkout_accepts_a_tree_with_the_marker(fake_official):
+    assert check_checkout("dra", fake_official) == fake_official.resolve()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the shims
+
+
+def test_cuda_calls_go_to_the_cpu_and_are_restored(fake_official):
+    original = torch.Tensor.cuda, nn.Module.cuda, nn.Module.to
+    (net,) = import_official(fake_official, "modeling.net")
+    with Patches() as p:
+        torch2(p)
+        assert net.to_gpu(torch.ones(2)).device.type == "cpu"
+        layer = nn.Linear(2, 2).cuda().to("cuda")
+        assert layer.weight.device.type == "cpu"
+        assert nn.Linear(2, 2).to(torch.float64).weight.dtype == torch.float64  # other uses of .to untouched
+    assert (torch.Tensor.cuda, nn.Module.cuda, nn.Module.to) == original
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError)):
+            net.to_gpu(torch.ones(2))
+
+
+def test_backbone_builder_replaced_in_the_official_module(fake_official):
+    (net,) = import_official(fake_official, "modeling.net")
+    with pytest.raises(RuntimeError, match="download"):
+        net.Model("resnet18")
+    with Patches() as p:
+        replace_backbone(p, net, "tiny", lambda: (nn.Conv2d(3, 7, 1), 7))
+        model = net.Model("tiny")
+        assert isinstance(model.feature_extractor, FeatureBody) and model.conv.in_channels == 7
+        assert model(torch.rand(2, 3, 8, 8)).shape == (2, 1, 8, 8)
+        with pytest.raises(ValueError, match="tiny"):
+            net.build_feature_extractor("resnet18")
+    assert "tiny" not in net.NET_OUT_DIM
+    with pytest.raises(RuntimeError, match="download"):
+        net.build_feature_extractor("resnet18")
+
+
+def test_listing_sorted(fake_official, mvtec):
+    (mvtecad,) = import_official(fake_official, "datasets.mvtecad")
+    args = type("A", (), {"dataset_root": str(mvtec), "classname": "cls", "nAnomaly": 2})()
+    listdir = os.listdir
+    with Patches() as p:
+        sorted_listdir(p)
+        assert os.listdir(mvtec / "cls" / "train" / "good") == ["a.png", "b.png", "c.png"]
+        assert mvtecad.MVTecAD(args, train=True).images[:3] == ["train/good/a.png", "train/good/b.png", "train/good/c.png"]
+    assert os.listdir is listdir
+
+
+def test_official_modules_of_two_checkouts_do_not_collide(tmp_path, fake_official):
+    other = tmp_path / "other"
+    (other / "modeling").mkdir(parents=True)
+    (other / "modeling" / "__init__.py").write_text("")
+    (other / "modeling" / "net.py").write_text("WHO = 'other'\n")
+    (a,) = import_official(fake_official, "modeling.net")
+    (b,) = import_official(other, "modeling.net")
+    assert hasattr(a, "Model") and b.WHO == "other"
+    assert "modeling" not in sys.modules
+    with official_path(fake_official):
+        einops = __import__("einops")
+        x = torch.zeros(2, 3, 4)
+        assert einops.rearrange(x, "e k n -> k n e").shape == (3, 4, 2)
+
+
+def test_standard_reference_makes_the_official_draw_exact(fake_official):
+    (layers,) = import_official(fake_official, "modeling.layers.deviation_loss")
+    torch.manual_seed(0)
+    assert abs(float(layers.reference().std()) - 1.0) > 1e-4  # a real draw
+    with standard_reference(layers):
+        r = layers.reference()
+        assert r.numel() == 5000 and abs(float(r.mean())) < 1e-6 and abs(float(r.std()) - 1.0) < 1e-6
+    assert layers.torch is torch
+
+
+def test_score_recorder_keeps_per_image_scores():
+    import sklearn.metrics
+
+    with Patches() as p:
+        rec = ScoreRecorder()
+        rec.install(p)
+        from sklearn.metrics import roc_auc_score  # what a script does after the patch
+
+        assert roc_auc_score([0, 1, 1], [0.1, 0.9, 0.4]) == 1.0
+    assert rec.calls == [([0.0, 1.0, 1.0], [0.1, 0.9, 0.4])]
+    assert sklearn.metrics.roc_auc_score is not roc_auc_score
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the hand-over of our split
+
+
+def test_handover_lists_from_split_json(tmp_path):
+    (tmp_path / "split.json").write_text(json.dumps(SPLIT))
+    lists = write_handover(tmp_path / "split.json", tmp_path / "official" / "handover.json")
+    assert json.loads((tmp_path / "official" / "handover.json").read_text()) == lists == handover_lists(SPLIT)
+    assert lists["train_normal"] == ["train/good/a.png", "train/good/b.png", "train/good/c.png"]
+    assert lists["train_anomaly"] == ["test/hole/h2.png"]
+    assert lists["test_normal"] == ["test/good/n1.png", "test/good/n2.png"]
+    assert lists["test_anomaly"] == ["test/hole/h1.png", "test/stain/s1.png"]
+
+
+def test_official_dataset_gets_exactly_our_files(fake_official, mvtec):
+    (mvtecad,) = import_official(fake_official, "datasets.mvtecad")
+    args = type("A", (), {"dataset_root": str(mvtec), "classname": "cls", "nAnomaly": 1})()
+    own = mvtecad.MVTecAD(args, train=True).images
+    lists = handover_lists(SPLIT)
+    with Patches() as p:
+        install_handover(p, mvtecad, lists, "dra")
+        train = mvtecad.MVTecAD(args, train=True)
+        test = mvtecad.MVTecAD(args, train=False)
+        args.nAnomaly = 0  # DRA's reference loader: normals only
+        ref = mvtecad.MVTecAD(args, train=True)
+    assert train.images == lists["train_normal"] + lists["train_anomaly"] and train.labels.tolist() == [0, 0, 0, 1]
+    assert test.images == lists["test_normal"] + lists["test_anomaly"] and test.outlier_idx.tolist() == [2, 3]
+    assert ref.images == lists["train_normal"]
+    assert own != train.images  # without the hand-over it would have chosen its own anomaly
+    assert mvtecad.MVTecAD(args, train=True).images != train.images  # restored
+
+
+def test_runner_runs_the_fake_train_script_with_all_shims(tmp_path, fake_official, mvtec):
+    (tmp_path / "split.json").write_text(json.dumps(SPLIT))
+    write_handover(tmp_path / "split.json", tmp_path / "handover.json")
+    out = tmp_path / "scores.csv"
+    cmd = [sys.executable, str(ROOT / "benchmarks/parity/official_runner.py"), "--kind", "dra", "--official",
+           str(fake_official), "--handover", str(tmp_path / "handover.json"), "--backbone", "resnet18",
+           "--pretrained", "none", "--seed", "0", "--scores", str(out), "--", "--dataset_root", str(mvtec),
+           "--classname", "cls", "--backbone", "resnet18", "--nAnomaly", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == ["test/good/n1.png", "test/good/n2.png", "test/hole/h1.png", "test/stain/s1.png"]
+    assert [r["label"] for r in rows] == ["0", "0", "1", "1"]
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run.py helpers
+
+
+def test_edit_params_and_metrics(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\nbase:\n  epochs: 10\n")
+    run_mod.edit_params(params, {"seed": 2, "base.epochs": 3})
+    assert params.read_text().split() == ["seed:", "2", "base:", "epochs:", "3"]
+    with pytest.raises(KeyError, match="base.nope"):
+        run_mod.edit_params(params, {"base.nope": 1})
+    scores = {"test/good/n1.png": 0.1, "test/good/n2.png": 0.5, "test/hole/h1.png": 0.9, "test/stain/s1.png": 0.3}
+    m = run_mod.scores_metrics(SPLIT, scores)
+    assert m["auc_roc"] == pytest.approx(0.75) and m["seen_auc_roc"] == 1.0 and m["unseen_auc_roc"] == 0.5
+    with pytest.raises(ValueError, match="no score"):
+        run_mod.scores_metrics(SPLIT, {"test/good/n1.png": 0.0})
+    table = run_mod.summarise([{"class": "c", "model": "dra", "side": "ours", "seed": s, "auc_roc": v, "auc_pr": v,
+                                "seconds": 10.0} for s, v in ((0, 0.8), (1, 0.9))])  # fmt: skip
+    assert "| c | dra | ours | 0,1 | 0.850 ± 0.050 | 0.850 ± 0.050 | - | - | 10 ± 0 |" in table
