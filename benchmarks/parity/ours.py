@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 
 from ahl import augment, cdl, hadg, train  # noqa: E402
 from ahl.backbones import build_backbone, multiscale  # noqa: E402
-from ahl.cdl import adapt, forward, query_loss  # noqa: E402
+from ahl.cdl import adapt, query_loss  # noqa: E402
 from ahl.devnet import DevNetHeads  # noqa: E402
 from ahl.dra import DRAHeads  # noqa: E402
 from ahl.estimator import GeneralisationEstimator, rewards, weights_from_rewards  # noqa: E402
@@ -24,6 +24,7 @@ from ahl.hadg import HADGConfig, cluster_normals, pool_features  # noqa: E402
 from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.losses import deviation_loss  # noqa: E402
 from ahl.model import AnomalyModel, BackboneConfig, build_model  # noqa: E402
+from ahl.scoring import forward  # noqa: E402
 from ahl.train import BaseConfig, BatchSampler, train_base  # noqa: E402
 
 
@@ -38,9 +39,9 @@ def patch_size(height: int, width: int, rng):
     return augment._patch_size(height, width, rng)
 
 
-def rotate(images, max_degrees: float, rng):
-    """Our base-training rotation of a batch (N, H, W, 3) uint8."""
-    return train._rotate(images, max_degrees, rng)
+def rotate(images, max_degrees: float, rng, interpolation: str = "nearest"):
+    """Our base-training rotation of a batch (N, H, W, 3) uint8 (base.rotation_interpolation, default nearest)."""
+    return augment.rotate(images, max_degrees, interpolation, rng)
 
 
 COLOR_JITTER = augment.COLOR_JITTER

@@ -131,7 +131,7 @@ def dra_heads(dra_root: Path) -> list[Row]:
         cfg = SimpleNamespace(topk=0.1, total_heads=4, n_scales=2, img_size=SIZES[0], nRef=N_REF)
         torch.manual_seed(0)
         official = net.DRA(cfg, backbone="identity")
-        heads = ours.DRAHeads(C, topk=0.1)
+        heads = ours.DRAHeads(C, topk=0.1, margin=5.0)
         copy_ours_to_official_dra(heads, official)
 
         x0 = features(12, g)[0]
@@ -213,7 +213,7 @@ def _image_models(kind: str, root: Path, backbone: str, pretrained: str, size: i
         torch.manual_seed(0)
         official = net.DRA(cfg, backbone=backbone) if kind == "dra" else net.SemiADNet(cfg)
     torch.manual_seed(1)
-    model = ours.build_model(kind, ours.BackboneConfig(backbone, pretrained, size, n_scales), topk=0.1, warn=False)
+    model = ours.build_model(kind, ours.BackboneConfig(backbone, pretrained, size, n_scales), topk=0.1, margin=5.0, warn=False)
     state = official.state_dict()
     for name, value in model.state_dict().items():
         if name.startswith("backbone."):
@@ -346,7 +346,7 @@ def ahl_heads(root: Path) -> list[Row]:
         cfg = SimpleNamespace(total_heads=4, n_scales=2, nRef=N_REF)
         torch.manual_seed(0)
         official = dra_ahl.DRA(cfg)
-        heads = ours.DRAHeads(C, topk=0.1, official_geometry=True)
+        heads = ours.DRAHeads(C, topk=0.1, margin=5.0, official_geometry=True)
         copy_ahl_vars_to_ours(official, heads)
         x, ref = features(16, g), features(N_REF, g)
         official.eval(), heads.eval()
@@ -481,7 +481,7 @@ def ahl_meta(root: Path) -> list[Row]:
             hidden = torch.relu(F.linear(pool.mean(dim=(2, 3)), official.vars[0], official.vars[1]))
             raw = F.linear(hidden, official.vars[2], official.vars[3])
             official.vars[3] += 1.0 - float(raw.min())
-        heads = ours.DRAHeads(C, topk=0.1, official_geometry=True)
+        heads = ours.DRAHeads(C, topk=0.1, margin=5.0, official_geometry=True)
         copy_ahl_vars_to_ours(official, heads)
         heads.train()
 
@@ -588,7 +588,7 @@ def ahl_devnet(root: Path) -> list[Row]:
         torch.manual_seed(0)
         args = SimpleNamespace(model_name="DevNet", n_scales=2, criterion="deviation")
         official = plain.Plain_Net(args)
-        heads = ours.DevNetHeads(C, topk=0.1)
+        heads = ours.DevNetHeads(C, topk=0.1, margin=5.0)
         with torch.no_grad():
             heads.seen_head.conv.weight.copy_(official.vars[0])
             heads.seen_head.conv.bias.copy_(official.vars[1])
