@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ahl import augment, cdl, hadg, train  # noqa: E402
+from ahl import augment, cdl, hadg  # noqa: E402
 from ahl.backbones import build_backbone, multiscale  # noqa: E402
 from ahl.cdl import adapt, query_loss  # noqa: E402
 from ahl.devnet import DevNetHeads  # noqa: E402
 from ahl.dra import DRAHeads  # noqa: E402
 from ahl.estimator import GeneralisationEstimator, rewards, weights_from_rewards  # noqa: E402
-from ahl.features import load_cache  # noqa: E402
+from ahl.features import PseudoAnomalyMaker, load_cache  # noqa: E402
 from ahl.hadg import HADGConfig, cluster_normals, pool_features  # noqa: E402
 from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.losses import deviation_loss  # noqa: E402
@@ -50,7 +50,7 @@ cutmix = augment.cutmix
 
 __all__ = [
     "AnomalyModel", "BackboneConfig", "BaseConfig", "BatchSampler", "COLOR_JITTER", "DRAHeads", "DevNetHeads",
-    "GeneralisationEstimator", "HADGConfig", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
+    "GeneralisationEstimator", "HADGConfig", "PseudoAnomalyMaker", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
     "build_model", "cdl", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache",
     "multiscale", "patch_size", "pool_features", "query_loss", "rewards", "rotate", "train_base",
     "weights_from_rewards",

@@ -735,7 +735,7 @@ def generators(dra_root: Path, ahl_root: Path, n: int = 2000) -> list[Row]:
     aspect_ours = np.array([w / h for h, w in mine])
     random.seed(0)
     torch.manual_seed(0)
-    with Patches() as p:
+    with Patches():
         (cm_dra,) = import_official(dra_root, "datasets.cutmix")
         (mvtec_dra,) = import_official(dra_root, "datasets.mvtecad")
         cp_ahl, cm_ahl = import_official(ahl_root, "datasets.cutpaste", "datasets.cutmix")
@@ -759,8 +759,8 @@ def generators(dra_root: Path, ahl_root: Path, n: int = 2000) -> list[Row]:
         rows.append(Row("colour jitter of the patch", None, "info",
                         f"official CutPaste and CutMix: ColorJitter brightness {jitter.brightness}, contrast "
                         f"{jitter.contrast}, saturation {jitter.saturation}, hue {jitter.hue} (AHL CutMix: "
-                        f"{'same' if jit_cm is not None else 'none'}); ours: cutpaste {ours.COLOR_JITTER} on all four, "
-                        "cutmix none"))  # fmt: skip
+                        f"{'same' if jit_cm is not None else 'none'}); ours: cutpaste and cutmix {ours.COLOR_JITTER} on all "
+                        "four"))  # fmt: skip
         fake = SimpleNamespace(args=SimpleNamespace(img_size=size))
         pseudo = mvtec_dra.MVTecAD.transform_pseudo(fake)
         train_tf = mvtec_dra.MVTecAD.transform_train(fake)
@@ -770,19 +770,22 @@ def generators(dra_root: Path, ahl_root: Path, n: int = 2000) -> list[Row]:
                         f"official DRA transform_pseudo: CutMix then RandomRotation{tuple(rot.degrees)} "
                         f"({rot.interpolation.value}) of the whole image; transform_train: "
                         f"RandomRotation{tuple(rot_train.degrees)} ({rot_train.interpolation.value}); ours: "
-                        "rotation uniform in [-180, 180] of every batch image, bilinear"))  # fmt: skip
+                        "rotation uniform in [-base.rotation, base.rotation] of every batch image, "
+                        "base.rotation_interpolation (default nearest)"))  # fmt: skip
     rows.append(_static_rotation(ahl_root))
-    # ours' cached CutPaste/CutMix: is the whole image rotated? pixels changed outside the patch say
+    # ours' cached CutPaste/CutMix (features.pseudo_rotation = 180, the default): is the whole image rotated?
+    # pixels changed outside the 15 % patch say
     changed = []
     arr = np.asarray(img)
-    other = np.asarray(img)[::-1].copy()
+    maker = ours.PseudoAnomalyMaker([arr, np.asarray(img)[::-1].copy()], [arr], rotation=180.0)
     for k in range(200):
-        r = np.random.default_rng(k)
-        changed.append(float((ours.cutpaste(arr, r) != arr).any(axis=2).mean()))
-        changed.append(float((ours.cutmix(arr, other, np.random.default_rng(10_000 + k)) != arr).any(axis=2).mean()))
+        for family in ("cutpaste", "cutmix"):
+            made = maker.make(family, 0, np.random.default_rng(k))
+            changed.append(float((made != arr).any(axis=2).mean()))
+    rotated = np.mean([c > 0.15 for c in changed])
     rows.append(Row("rotation of ours' cached CutPaste/CutMix", None, "info",
-                    f"fraction of pixels changed per pseudo anomaly: max {max(changed):.3f} over 400 draws (<= the "
-                    "15 % patch): no rotation of the image, unlike the official feature scripts"))  # fmt: skip
+                    f"features.pseudo_rotation = 180: {rotated:.0%} of 400 pseudo anomalies change more than the 15 % "
+                    f"patch (the whole image is rotated, as in the official feature scripts)"))  # fmt: skip
     rows.append(_rotation_interpolation(dra_root))
     return rows
 
@@ -825,7 +828,7 @@ def _rotation_interpolation(dra_root: Path) -> Row:
     inside[32:96, 32:96] = True  # away from the border, where the fill differs only by interpolation
     d = float(np.abs(official.astype(float) - mine.astype(float))[inside].mean())
     return Row("rotation interpolation (30 degrees, 128 px photo)", d, "info",
-               f"official RandomRotation {rot.interpolation.value} vs ours bilinear: mean |diff| {d:.2f} grey levels "
+               f"official RandomRotation {rot.interpolation.value} vs ours (default nearest): mean |diff| {d:.2f} grey levels "
                "in the centre (of 255)")  # fmt: skip
 
 
@@ -855,7 +858,7 @@ def samplers(dra_root: Path) -> list[Row]:
     return [Row("base batch sampler: normals per epoch", None, "info",
                 f"{steps} batches x 16 normal slots from {n_normal} normals: official permutation cycles "
                 f"(BalancedBatchSampler) repeat {dup_off:.2f} per batch and cover {cover_off}/{n_normal}; ours "
-                f"(with replacement) repeat {dup_ours:.2f} per batch and cover {cover_ours}/{n_normal}")]  # fmt: skip
+                f"(base.sampling = {config.sampling}) repeat {dup_ours:.2f} per batch and cover {cover_ours}/{n_normal}")]
 
 
 def base_loops(dra_root: Path, devnet_root: Path, backbone: str, pretrained: str, epochs: int = 12) -> list[Row]:
@@ -937,7 +940,7 @@ def base_loops(dra_root: Path, devnet_root: Path, backbone: str, pretrained: str
                                 seed=0, device=torch.device("cpu"))  # fmt: skip
             first_low = next((e for e, lr in enumerate(lrs) if lr < 2e-4 * 0.5), None)
             rows.append(Row(f"{kind} ours: learning rate and clipping", None, "info",
-                            f"lr 2e-4 -> 2e-5 from epoch {first_low} (StepLR(10) stepped after the epoch); "
+                            f"lr 2e-4 -> 2e-5 from epoch {first_low} (StepLR(10) stepped {'before' if kind == 'dra' else 'after'} the epoch); "
                             f"clip_grad_norm_ called at {len(clips)}/{len(lrs)} steps"))  # fmt: skip
     return rows
 
