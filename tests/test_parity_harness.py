@@ -350,3 +350,50 @@ def test_edit_params_and_metrics(tmp_path):
     table = run_mod.summarise([{"class": "c", "model": "dra", "side": "ours", "seed": s, "auc_roc": v, "auc_pr": v,
                                 "seconds": 10.0} for s, v in ((0, 0.8), (1, 0.9))])  # fmt: skip
     assert "| c | dra | ours | 0,1 | 0.850 ± 0.050 | 0.850 ± 0.050 | - | - | 10 ± 0 |" in table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# official AHL on our feature cache
+
+
+def _fake_cache(channels: int, size: int):
+    from types import SimpleNamespace
+
+    def fs(files):
+        return SimpleNamespace(files=files, scales=[np.ones((len(files), channels, size, size), np.float16),
+                                                    np.ones((len(files), channels, size // 2, size // 2), np.float16)])  # fmt: skip
+
+    normals = [s["file"] for s in SPLIT["train"] if s["label"] == 0]
+    return SimpleNamespace(
+        train_normal=fs(normals), train_anomaly=fs(["test/hole/h2.png"]), test=fs([s["file"] for s in SPLIT["test"]]),
+        pseudo={f: fs([""] * len(normals)) for f in ("draem", "cutpaste", "cutmix")},
+    )
+
+
+def test_official_ahl_needs_512_channels_and_3x3_maps():
+    from benchmarks.parity.official_ahl import Unsupported, check_cache
+
+    check_cache(_fake_cache(512, 6))
+    with pytest.raises(Unsupported, match=r"512-channel.*scale 0 of the cache is 320x8x8.*resnet18"):
+        check_cache(_fake_cache(320, 8))
+    with pytest.raises(Unsupported, match="512x2x2"):
+        check_cache(_fake_cache(512, 4))
+
+
+def test_our_cache_written_in_the_official_ahl_layout(tmp_path, mvtec):
+    from benchmarks.parity.official_ahl import write_feature_tree
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "mvtec").symlink_to(mvtec)
+    cache = _fake_cache(512, 6)
+    lists = write_feature_tree(work, cache, SPLIT, tmp_path / "handover")
+    base = tmp_path / "handover" / "cls"
+    assert sorted(os.listdir(base / "train" / "good")) == ["a.png", "b.png", "c.png"]
+    assert sorted(os.listdir(base / "test")) == ["good", "hole", "stain"]
+    assert sorted(os.listdir(base / "test" / "hole")) == ["h1.png", "h2.png"]  # seen + test anomaly; h3 not in split
+    assert np.load(base / "feature" / "test" / "stain" / "s1.npy").shape == (512, 6, 6)
+    assert np.load(base / "feature_scale" / "train" / "good" / "a.npy").shape == (512, 3, 3)
+    for folder in ("aug_dream", "aug_paste", "aug_mix", "aug_dream_scale", "aug_paste_scale", "aug_mix_scale"):
+        assert sorted(os.listdir(base / folder / "train" / "good")) == ["a.npy", "b.npy", "c.npy"]
+    assert lists == handover_lists(SPLIT)

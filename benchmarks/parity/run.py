@@ -148,6 +148,26 @@ def write_outputs(out: Path, rows: list[dict]) -> None:
     (out / "summary.md").write_text(summarise(rows))
 
 
+def official_ahl_row(a, seed: int, ours_dir: Path, work: Path, split: dict, env: dict) -> list[dict]:
+    """The official AHL (DRA heads) on our feature cache of this seed (official_ahl.py); [] when the cache
+    cannot be fed to it (it needs 512-channel maps of >= 3x3)."""
+    cmd = [
+        sys.executable, str(HERE / "official_ahl.py"), "--official-ahl", str(a.official_ahl), "--work", str(ours_dir),
+        "--out", str(work / "official_ahl"), "--seed", str(seed), "--epochs", str(a.ahl_epochs),
+        "--steps", str(a.ahl_steps), "--batch", str(a.batch),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    with open(work / "official_ahl.log", "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=log)
+    if proc.returncode == 3:
+        print(f"official AHL skipped: {(work / 'official_ahl.log').read_text().strip().splitlines()[-1]}", flush=True)
+        return []
+    if proc.returncode:
+        raise RuntimeError(f"official AHL failed (exit {proc.returncode}); see {work / 'official_ahl.log'}")
+    scores = read_scores(work / "official_ahl" / "scores.csv", "score")
+    return [{"side": "official AHL", "seconds": time.perf_counter() - start, **scores_metrics(split, scores)}]
+
+
 def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[dict]:
     name = f"{a.classname}-{a.model}-s{seed}"
     keep = a.keep
@@ -170,14 +190,20 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
         })  # fmt: skip
         with open(work / "ours.log", "w") as log:
             stages = STAGES if "ours" in a.sides else STAGES[:4]
+            if not a.ahl:
+                stages = tuple(s for s in stages if s not in ("features", "train_ahl"))
             t = run_ours(ours_dir, stages, env, log)
         split = json.loads((ours_dir / "data" / "split.json").read_text())
         if "ours" in a.sides:
             base_seconds = t["train_base"] + t["evaluate"]
             scores_csv = ours_dir / "results" / "scores.csv"
             rows.append({"side": "ours", "seconds": base_seconds, **scores_metrics(split, read_scores(scores_csv, "score_base"))})
-            ahl_seconds = t["features"] + t["train_ahl"]
-            rows.append({"side": "ours AHL", "seconds": ahl_seconds, **scores_metrics(split, read_scores(scores_csv, "score_ahl"))})
+            if a.ahl:
+                ahl_seconds = t["features"] + t["train_ahl"]
+                ahl_scores = read_scores(scores_csv, "score_ahl")
+                rows.append({"side": "ours AHL", "seconds": ahl_seconds, **scores_metrics(split, ahl_scores)})
+        if a.official_ahl is not None and "ours" in a.sides and a.ahl and a.model == "dra":
+            rows += official_ahl_row(a, seed, ours_dir, work, split, env)
         if "official" in a.sides:
             lists = write_handover(ours_dir / "data" / "split.json", work / "official" / "handover.json")
             cmd = [
@@ -206,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-dra", help="checkout of https://github.com/Choubo/DRA (for --model dra)")
     p.add_argument("--official-devnet", help="checkout of https://github.com/Choubo/deviation-network-image")
-    p.add_argument("--official-ahl", help="checkout of https://github.com/mala-lab/AHL (checked, not yet run)")
+    p.add_argument("--official-ahl", help="checkout of https://github.com/mala-lab/AHL: also run the official AHL "
+                   "on our feature cache (--model dra; needs 512-channel maps >= 3x3: resnet18 at >= 192 px)")
     p.add_argument("--class", dest="classname", default="brick", help="classname (params.yaml), e.g. brick, elpv")
     p.add_argument("--model", choices=("dra", "devnet"), default="dra")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -222,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-anomalies", type=int, default=5)
     p.add_argument("--ahl-epochs", type=int, default=10)
     p.add_argument("--ahl-steps", type=int, default=5)
+    p.add_argument("--no-ahl", dest="ahl", action="store_false", help="ours: skip the features and train_ahl stages")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the work folders under OUT/work (feature caches, logs)")
     a = p.parse_args(argv)

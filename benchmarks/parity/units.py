@@ -362,9 +362,12 @@ def ahl_heads(root: Path) -> list[Row]:
             d = maxdiff(out[h], mine[:, h])
             note = "official init: BatchNorm weight = bias = 0"
             if name == "holistic":
-                neg = float((out[0] < 0).float().mean())
-                note = (f"official AHL holistic head has no |.| (DRA's has): {neg:.0%} of its outputs are "
-                        "negative here; equal once its output is positive (meta-gradient rows below)")  # fmt: skip
+                with torch.no_grad():  # the holistic head before |.|, per scale
+                    hh = heads.holistic_head
+                    raw = torch.stack([hh.fc2(torch.relu(hh.fc1(f.mean(dim=(2, 3)))))[:, 0] for f in x])
+                neg = float((raw < 0).float().mean())
+                note = (f"official AHL holistic head has no |.| (DRA's has); {neg:.0%} of the per-scale outputs are "
+                        "negative here; equal when they are positive (meta-gradient rows below)")  # fmt: skip
             if name == "composite":
                 note += f"; the head outputs |patch bias| = {float(out[3].abs().max()):.4f} for every image (bias init 0)"
             rows.append(Row(f"AHL(DRA) {name} head, official init (eval)", d, verdict(d), note))
