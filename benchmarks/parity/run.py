@@ -169,7 +169,7 @@ def official_ahl_row(a, seed: int, ours_dir: Path, work: Path, split: dict, env:
 
 
 def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[dict]:
-    name = f"{a.classname}-{a.model}-s{seed}"
+    name = f"{a.label}-{a.model}-s{seed}"
     keep = a.keep
     work_parent = out / "work" if keep else Path(tempfile.mkdtemp(prefix=f"parity-{name}-"))
     work = work_parent / name if keep else work_parent
@@ -177,6 +177,8 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
         shutil.rmtree(work)
     (work / "ours").mkdir(parents=True)
     budget = f"{a.backbone}/{a.pretrained} {a.image_size}px, {a.epochs}x{a.steps}x{a.batch}, M={a.n_anomalies}"
+    if a.known_class:
+        budget += f", hard: {a.known_class}"
     rows = []
     try:
         ours_dir = work / "ours"
@@ -185,7 +187,7 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
             "classname": a.classname, "seed": seed, "device": "cpu", "protocol.n_anomalies": a.n_anomalies,
             "backbone.name": a.backbone, "backbone.pretrained": a.pretrained, "backbone.image_size": a.image_size,
             "base.model": a.model, "base.epochs": a.epochs, "base.steps_per_epoch": a.steps,
-            "base.batch_size": a.batch, "ahl.epochs": a.ahl_epochs, "ahl.steps_per_epoch": a.ahl_steps,
+            "protocol.known_class": a.known_class, "base.batch_size": a.batch, "ahl.epochs": a.ahl_epochs, "ahl.steps_per_epoch": a.ahl_steps,
             "ahl.batch_size": a.batch,
         })  # fmt: skip
         with open(work / "ours.log", "w") as log:
@@ -224,7 +226,7 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
         if not keep:
             shutil.rmtree(work_parent, ignore_errors=True)
     for r in rows:
-        r.update({"class": a.classname, "model": a.model, "seed": seed, "budget": budget})
+        r.update({"class": a.label, "model": a.model, "seed": seed, "budget": budget})
     return rows
 
 
@@ -247,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--n-anomalies", type=int, default=5)
+    p.add_argument("--known-class", default=None,
+                   help="hard setting: the M seen anomalies come from this anomaly class only (protocol.known_class)")
     p.add_argument("--ahl-epochs", type=int, default=10)
     p.add_argument("--ahl-steps", type=int, default=5)
     p.add_argument("--no-ahl", dest="ahl", action="store_false", help="ours: skip the features and train_ahl stages")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the work folders under OUT/work (feature caches, logs)")
     a = p.parse_args(argv)
+    a.label = f"{a.classname}-hard-{a.known_class}" if a.known_class else a.classname
     try:
         official_root = check_checkout(a.model, a.official_dra if a.model == "dra" else a.official_devnet)
         if a.official_ahl is not None:
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = a.out / "runs.csv"
     if existing.is_file():  # append to earlier runs of other classes/models; replace the same ones
         with open(existing) as f:
-            rows = [r for r in csv.DictReader(f) if not (r["class"] == a.classname and r["model"] == a.model
+            rows = [r for r in csv.DictReader(f) if not (r["class"] == a.label and r["model"] == a.model
                                                           and int(r["seed"]) in a.seeds)]  # fmt: skip
             for r in rows:
                 for k in (*METRICS, "seconds"):
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         new = one_seed(a, seed, official_root, a.out, env)
         rows += new
         for r in new:
-            print(f"{a.classname} {a.model} seed {seed} {r['side']}: AUC-ROC {r['auc_roc']:.4f} AUC-PR {r['auc_pr']:.4f} "
+            print(f"{a.label} {a.model} seed {seed} {r['side']}: AUC-ROC {r['auc_roc']:.4f} AUC-PR {r['auc_pr']:.4f} "
                   f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
         write_outputs(a.out, rows)
     print(summarise(rows))
