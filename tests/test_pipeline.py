@@ -214,3 +214,36 @@ def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp
     assert repo.ran(again.stdout) == {"local_manifest", "download"}
     manifest = json.loads((repo.path / "data/local.json").read_text())
     assert manifest["kind"] == "folder" and any(f["path"].endswith("000.png") for f in manifest["files"])
+
+
+def test_two_queued_experiments_run_in_parallel_and_leave_the_workspace_alone(repo):
+    """The advice for parallel runs (README, docs/reliability.md): `dvc exp run --queue` then
+    `dvc queue start -j 2`; each experiment runs in its own temporary copy, so both are saved and the
+    workspace's params.yaml is untouched (two `dvc exp run` at once in one workspace fail on DVC's lock)."""
+    import time
+
+    params = (repo.path / "params.yaml").read_text()
+    for seed in ("1", "2"):
+        repo.dvc("exp", "run", "--queue", "-S", f"seed={seed}", "-S", "evaluate.batch_size=32")
+    repo.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = repo.dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    repo.dvc("queue", "stop", "--kill", check=False)
+    assert "Failed" not in status, status
+    assert status.count("Success") >= 2, status
+    assert (repo.path / "params.yaml").read_text() == params
+    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    seeds = set()
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                seed = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("seed")
+                metrics = ((data.get("metrics") or {}).get("results/metrics.json") or {}).get("data") or {}
+                if seed in (1, 2) and "base" in metrics:
+                    seeds.add(seed)
+    assert seeds == {1, 2}, json.dumps(shown)[:2000]
