@@ -397,3 +397,16 @@ def test_our_cache_written_in_the_official_ahl_layout(tmp_path, mvtec):
     for folder in ("aug_dream", "aug_paste", "aug_mix", "aug_dream_scale", "aug_paste_scale", "aug_mix_scale"):
         assert sorted(os.listdir(base / folder / "train" / "good")) == ["a.npy", "b.npy", "c.npy"]
     assert lists == handover_lists(SPLIT)
+
+
+def test_ours_runs_every_stage_of_dvc_yaml_in_its_order(tmp_path):
+    """The harness runs this project's stage scripts in dvc.yaml's order; a renamed or missing script fails
+    before any work instead of in the middle of a parity run."""
+    stages = run_mod.pipeline_stages(ROOT)
+    assert stages[0] == "selection" and stages[-1] == "evaluate" and set(run_mod.DATA_STAGES) <= set(stages)
+    assert all((ROOT / "stages" / f"{s}.py").is_file() for s in stages)
+    fake = tmp_path / "project"
+    (fake / "stages").mkdir(parents=True)
+    (fake / "dvc.yaml").write_text("stages:\n  resolve: {cmd: python stages/resolve.py}\n")
+    with pytest.raises(RuntimeError, match="no script"):
+        run_mod.pipeline_stages(fake)

@@ -4,7 +4,7 @@
         --seeds 0 1 2 --out results/parity [--image-size 128 --epochs 10 --steps 10 --batch 24 ...]
 
 Per seed: (a) ours: the project's ahl/, stages/ and params.yaml are copied to a work folder, params.yaml is edited
-there, and the stage scripts run as plain commands (resolve ... evaluate); (b) official: the official train.py
+there, and the stage scripts run as plain commands in dvc.yaml's order (selection ... evaluate); (b) official: the official train.py
 (DRA's or DevNet's) runs through official_runner.py on ours' converted MVTec-layout folder and exactly the files
 of ours' data/split.json, with the same image size, epochs, steps, batch size, seed and backbone; (c) both sides'
 test scores are scored by the same function here. Writes OUT/runs.csv (one row per side and seed) and
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.parity.official_runner import write_handover  # noqa: E402
 from benchmarks.parity.shims import MissingCheckout, check_checkout  # noqa: E402
 
-STAGES = ("resolve", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate")
+DATA_STAGES = ("selection", "local_manifest", "download", "convert", "split")  # what the official side needs
 PROJECT_PARTS = ("ahl", "stages", "params.yaml")
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
 
@@ -73,6 +73,15 @@ def thread_env(threads: int) -> dict[str, str]:
     env["TQDM_DISABLE"] = "1"
     env["MPLBACKEND"] = "Agg"
     return env
+
+
+def pipeline_stages(project: Path) -> tuple[str, ...]:
+    """The project's stages in dvc.yaml's order (a topological order), each a script stages/<name>.py."""
+    stages = tuple(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    missing = [s for s in (*stages, *DATA_STAGES) if not (project / "stages" / f"{s}.py").is_file()]
+    if missing or not set(DATA_STAGES) <= set(stages):
+        raise RuntimeError(f"{project}: stages {missing or DATA_STAGES} have no script or are not in dvc.yaml")
+    return stages
 
 
 def run_ours(work: Path, stages: tuple[str, ...], env: dict, log) -> dict[str, float]:
@@ -191,7 +200,7 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
             "ahl.batch_size": a.batch,
         })  # fmt: skip
         with open(work / "ours.log", "w") as log:
-            stages = STAGES if "ours" in a.sides else STAGES[:4]
+            stages = pipeline_stages(ours_dir) if "ours" in a.sides else DATA_STAGES
             if not a.ahl:
                 stages = tuple(s for s in stages if s not in ("features", "train_ahl"))
             t = run_ours(ours_dir, stages, env, log)
