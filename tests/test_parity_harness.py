@@ -405,6 +405,9 @@ def test_ours_runs_every_stage_of_dvc_yaml_in_its_order(tmp_path):
     stages = run_mod.pipeline_stages(ROOT)
     assert stages[0] == "selection" and stages[-1] == "evaluate" and set(run_mod.DATA_STAGES) <= set(stages)
     assert all((ROOT / "stages" / f"{s}.py").is_file() for s in stages)
+    copy = tmp_path / "copy"
+    run_mod.copy_project(ROOT, copy)  # the copy the harness runs holds what pipeline_stages reads
+    assert run_mod.pipeline_stages(copy) == stages
     fake = tmp_path / "project"
     (fake / "stages").mkdir(parents=True)
     (fake / "dvc.yaml").write_text("stages:\n  resolve: {cmd: python stages/resolve.py}\n")

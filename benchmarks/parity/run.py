@@ -36,7 +36,7 @@ from benchmarks.parity.official_runner import write_handover  # noqa: E402
 from benchmarks.parity.shims import MissingCheckout, check_checkout  # noqa: E402
 
 DATA_STAGES = ("selection", "local_manifest", "download", "convert", "split")  # what the official side needs
-PROJECT_PARTS = ("ahl", "stages", "params.yaml")
+PROJECT_PARTS = ("ahl", "stages", "params.yaml", "dvc.yaml")
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
 
 
