@@ -413,3 +413,15 @@ def test_ours_runs_every_stage_of_dvc_yaml_in_its_order(tmp_path):
     (fake / "dvc.yaml").write_text("stages:\n  resolve: {cmd: python stages/resolve.py}\n")
     with pytest.raises(RuntimeError, match="no script"):
         run_mod.pipeline_stages(fake)
+
+
+def test_units_uses_only_what_the_adapter_exports():
+    """units.py reaches our library only through benchmarks/parity/ours.py; every name it uses must exist there
+    (a library rename once broke the image-level rows in the middle of a run)."""
+    import re
+
+    from benchmarks.parity import ours
+
+    source = (ROOT / "benchmarks/parity/units.py").read_text()
+    used = set(re.findall(r"\bours\.([A-Za-z_][A-Za-z_0-9]*)", source))
+    assert used and not [name for name in sorted(used) if not hasattr(ours, name)]

@@ -25,7 +25,7 @@ from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.losses import deviation_loss  # noqa: E402
 from ahl.model import AnomalyModel, BackboneConfig, build_model  # noqa: E402
 from ahl.scoring import forward  # noqa: E402
-from ahl.train import BaseConfig, BatchSampler, train_base  # noqa: E402
+from ahl.train import BaseConfig, BatchSampler, train_base, train_step  # noqa: E402
 
 
 def backbone_body(name: str, pretrained: str):
@@ -52,6 +52,6 @@ __all__ = [
     "AnomalyModel", "BackboneConfig", "BaseConfig", "BatchSampler", "COLOR_JITTER", "DRAHeads", "DevNetHeads",
     "GeneralisationEstimator", "HADGConfig", "PseudoAnomalyMaker", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
     "build_model", "cdl", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache",
-    "multiscale", "patch_size", "pool_features", "query_loss", "rewards", "rotate", "train_base",
+    "multiscale", "patch_size", "pool_features", "query_loss", "rewards", "rotate", "train_base", "train_step",
     "weights_from_rewards",
 ]  # fmt: skip

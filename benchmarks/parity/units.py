@@ -298,10 +298,10 @@ def image_level(kind: str, root: Path, backbone: str, pretrained: str, size: int
                 (train_mod,) = import_official(root, "train")
                 targets = train_mod.Trainer.generate_target(None, labels)
                 loss_official = sum(criterion(out[i], targets[i].float()) for i in range(4))
-                loss_ours = ours.train.train_step(model, images, labels, refs, 5.0)
+                loss_ours = ours.train_step(model, images, labels, refs)
             else:
                 loss_official = criterion(official(norm(images)), labels.unsqueeze(1).float())
-                loss_ours = ours.train.train_step(model, images, labels, None, 5.0)
+                loss_ours = ours.train_step(model, images, labels, None)
         loss_official.backward()
         loss_ours.backward()
     d = maxdiff(loss_official, loss_ours)
