@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -177,7 +178,9 @@ def train_base(
     history = []
     for epoch in range(config.epochs):
         if step_at_start:  # official DRA steps StepLR before each epoch: the rate drops one epoch earlier
-            scheduler.step()
+            with warnings.catch_warnings():  # torch warns of a step before the optimiser's first: intended here
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
         start = time.perf_counter()
         loss = _epoch(model, sampler, optimizer, config, device, f"epoch {epoch + 1}/{config.epochs}", progress)
         if not step_at_start:
