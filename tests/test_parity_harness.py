@@ -425,3 +425,20 @@ def test_units_uses_only_what_the_adapter_exports():
     source = (ROOT / "benchmarks/parity/units.py").read_text()
     used = set(re.findall(r"\bours\.([A-Za-z_][A-Za-z_0-9]*)", source))
     assert used and not [name for name in sorted(used) if not hasattr(ours, name)]
+
+
+def test_kmeans_shim_restores_scikit_learn_s_old_default_and_undoes_itself():
+    """The official AHL code was written for KMeans(n_init=10) (scikit-learn < 1.4); the shim gives it that
+    default in sklearn.cluster and in an already imported module, and restores both afterwards."""
+    import types
+
+    import sklearn.cluster
+
+    from benchmarks.parity.shims import kmeans_n_init_10
+
+    original = sklearn.cluster.KMeans
+    fake = types.SimpleNamespace(KMeans=original)
+    with Patches() as p:
+        kmeans_n_init_10(p, fake)
+        assert fake.KMeans(n_clusters=3).n_init == 10 and sklearn.cluster.KMeans(n_clusters=3).n_init == 10
+    assert sklearn.cluster.KMeans is original and fake.KMeans is original

@@ -34,6 +34,7 @@ from benchmarks.parity.official_runner import handover_lists  # noqa: E402
 from benchmarks.parity.shims import (  # noqa: E402
     MissingCheckout,
     Patches,
+    kmeans_n_init_10,
     ScoreRecorder,
     check_checkout,
     official_path,
@@ -106,6 +107,7 @@ def run(root: Path, data_root: Path, lists: dict, argv: list[str]):
     with official_path(root), Patches() as p:
         torch2(p)
         sorted_listdir(p)
+        kmeans_n_init_10(p)  # HADG's k-means with the scikit-learn default the code was written for
         p.setattr(torch.autograd, "set_detect_anomaly", lambda *a, **k: None)  # main.py switches it on globally
         install_ahl_handover(p, importlib.import_module("datasets.mvtecad"), lists)
         recorder = ScoreRecorder()

@@ -20,7 +20,7 @@ from ahl.devnet import DevNetHeads  # noqa: E402
 from ahl.dra import DRAHeads  # noqa: E402
 from ahl.estimator import GeneralisationEstimator, rewards, weights_from_rewards  # noqa: E402
 from ahl.features import PseudoAnomalyMaker, load_cache  # noqa: E402
-from ahl.hadg import HADGConfig, cluster_normals, pool_features  # noqa: E402
+from ahl.hadg import HADGConfig, cluster_features, cluster_normals, pool_features  # noqa: E402
 from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.losses import deviation_loss  # noqa: E402
 from ahl.model import AnomalyModel, BackboneConfig, build_model  # noqa: E402
@@ -51,7 +51,7 @@ cutmix = augment.cutmix
 __all__ = [
     "AnomalyModel", "BackboneConfig", "BaseConfig", "BatchSampler", "COLOR_JITTER", "DRAHeads", "DevNetHeads",
     "GeneralisationEstimator", "HADGConfig", "PseudoAnomalyMaker", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
-    "build_model", "cdl", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache",
+    "build_model", "cdl", "cluster_features", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache",
     "multiscale", "patch_size", "pool_features", "query_loss", "rewards", "rotate", "train_base", "train_step",
     "weights_from_rewards",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ when its ``Patches`` context ends, so the same process can run ours and theirs s
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -244,6 +245,17 @@ def sorted_listdir(patches: Patches) -> None:
     patches.setattr(os, "listdir", lambda path=".": sorted(listdir(path)))
 
 
+def kmeans_n_init_10(patches: Patches, *modules: Any) -> None:
+    """scikit-learn 1.4 changed KMeans' default ``n_init`` from 10 to 1 ("auto"); the official AHL code (2024)
+    relies on the old default. Patch ``sklearn.cluster.KMeans`` (for modules imported later) and the ``KMeans``
+    name of already imported ``modules``."""
+    import sklearn.cluster
+
+    kmeans = functools.partial(sklearn.cluster.KMeans, n_init=10)
+    for module in (sklearn.cluster, *modules):
+        patches.setattr(module, "KMeans", kmeans)
+
+
 def no_detect_anomaly(patches: Patches) -> None:
     """The official AHL main module switches autograd's anomaly detection on globally when imported (a 2-10x
     slow-down); switch it off and restore the previous state afterwards."""
@@ -331,6 +343,7 @@ __all__ = [
     "check_checkout",
     "how_to_get",
     "import_official",
+    "kmeans_n_init_10",
     "map_cuda",
     "no_detect_anomaly",
     "official_path",

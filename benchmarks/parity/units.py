@@ -41,6 +41,7 @@ from benchmarks.parity.shims import (  # noqa: E402
     Patches,
     check_checkout,
     import_official,
+    kmeans_n_init_10,
     torch2,
     no_detect_anomaly,
     replace_backbone,
@@ -954,7 +955,7 @@ def base_loops(dra_root: Path, devnet_root: Path, backbone: str, pretrained: str
 
 def kmeans(ahl_root: Path, cache_dir: Path | None, seed: int = 0) -> list[Row]:
     if cache_dir is None:
-        return [Row("k-means: official flattened scale-0 map vs ours pooled", None, "info",
+        return [Row("k-means: official flattened scale-0 map vs ours", None, "info",
                     "skipped: pass --cache DIR (a features stage output, e.g. from run.py --keep)")]  # fmt: skip
     from sklearn.metrics import adjusted_rand_score
 
@@ -965,18 +966,28 @@ def kmeans(ahl_root: Path, cache_dir: Path | None, seed: int = 0) -> list[Row]:
         fake = SimpleNamespace(args=SimpleNamespace(auxiliary=False, extract=True, cluster_num=3, ramdn_seed=seed))
         train_set = [{"label": 0, "image": f} for f in x0]
         official, _ = dl.initDataloader.get_cluster(fake, train_set, [])
-    mine = ours.cluster_normals(ours.pool_features(cache.train_normal.scales), ours.HADGConfig(min_cluster_size=1), seed)
-    a = np.zeros(len(x0), int)
-    b = np.zeros(len(x0), int)
-    for k, members in enumerate(official):
-        a[members] = k
-    for k, members in enumerate(mine):
-        b[members] = k
-    ari = adjusted_rand_score(a, b)
-    return [Row("k-means clusters: official (flattened scale-0 map) vs ours (pooled, both scales)", ari, "info",
-                f"{cache_dir}: {len(x0)} normals, map {tuple(x0.shape[1:])}; official sizes "
-                f"{sorted(len(c) for c in official)}, ours {sorted(len(c) for c in mine)}; diff = adjusted Rand "
-                "index (1 = the same partition)")]  # fmt: skip
+        kmeans_n_init_10(p, dl)  # the same call under scikit-learn's default of its time (a version shim)
+        official10, _ = dl.initDataloader.get_cluster(fake, train_set, [])
+    rows = []
+    for off, note, how, what in (
+        (official, "", "flattened", "flattened scale-0 map, the default"),
+        (official10, ", KMeans n_init=10 as in scikit-learn < 1.4", "flattened", "flattened scale-0 map, the default"),
+        (official10, ", KMeans n_init=10 as in scikit-learn < 1.4", "pooled", "pooled, both scales"),
+    ):
+        a = np.zeros(len(x0), int)
+        for k, members in enumerate(off):
+            a[members] = k
+        vectors = ours.cluster_features(cache.train_normal.scales, how)
+        mine = ours.cluster_normals(vectors, ours.HADGConfig(min_cluster_size=1, features=how), seed)
+        b = np.zeros(len(x0), int)
+        for k, members in enumerate(mine):
+            b[members] = k
+        rows.append(Row(f"k-means clusters: official (flattened scale-0 map{note}) vs ours ({what})",
+                        adjusted_rand_score(a, b), "info",
+                        f"{cache_dir}: {len(x0)} normals, map {tuple(x0.shape[1:])}; official sizes "
+                        f"{sorted(len(c) for c in off)}, ours {sorted(len(c) for c in mine)}; diff = adjusted "
+                        "Rand index (1 = the same partition)"))  # fmt: skip
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
