@@ -23,9 +23,10 @@ from ahl.features import PseudoAnomalyMaker, load_cache  # noqa: E402
 from ahl.hadg import HADGConfig, cluster_features, cluster_normals, pool_features  # noqa: E402
 from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.losses import deviation_loss  # noqa: E402
-from ahl.model import AnomalyModel, BackboneConfig, build_model  # noqa: E402
-from ahl.scoring import forward  # noqa: E402
-from ahl.train import BaseConfig, BatchSampler, train_base, train_step  # noqa: E402
+from ahl.data.mvtec import load_images  # noqa: E402
+from ahl.model import AnomalyModel, BackboneConfig, build_model, load_checkpoint  # noqa: E402
+from ahl.scoring import forward, score_images  # noqa: E402
+from ahl.train import BaseConfig, BatchSampler, reference_features, train_base, train_step  # noqa: E402
 
 
 def backbone_body(name: str, pretrained: str):
@@ -51,7 +52,7 @@ cutmix = augment.cutmix
 __all__ = [
     "AnomalyModel", "BackboneConfig", "BaseConfig", "BatchSampler", "COLOR_JITTER", "DRAHeads", "DevNetHeads",
     "GeneralisationEstimator", "HADGConfig", "PseudoAnomalyMaker", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
-    "build_model", "cdl", "cluster_features", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache",
-    "multiscale", "patch_size", "pool_features", "query_loss", "rewards", "rotate", "train_base", "train_step",
+    "build_model", "cdl", "cluster_features", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache", "load_checkpoint", "load_images",
+    "multiscale", "patch_size", "pool_features", "query_loss", "reference_features", "rewards", "rotate", "score_images", "train_base", "train_step",
     "weights_from_rewards",
 ]  # fmt: skip
