@@ -442,3 +442,11 @@ def test_kmeans_shim_restores_scikit_learn_s_old_default_and_undoes_itself():
         kmeans_n_init_10(p, fake)
         assert fake.KMeans(n_clusters=3).n_init == 10 and sklearn.cluster.KMeans(n_clusters=3).n_init == 10
     assert sklearn.cluster.KMeans is original and fake.KMeans is original
+
+
+def test_set_overrides_parse_yaml_values_and_refuse_malformed_pairs():
+    assert run_mod.overrides(["base.grad_clip=0", "ahl.hadg.features=pooled", "protocol.known_class=null"]) == {
+        "base.grad_clip": 0, "ahl.hadg.features": "pooled", "protocol.known_class": None
+    }
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        run_mod.overrides(["base.grad_clip"])

@@ -66,6 +66,17 @@ def edit_params(path: Path, changes: dict[str, object]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def overrides(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings -> {dotted key: YAML value}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {pair!r}: expected KEY=VALUE, e.g. base.grad_clip=0")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -188,6 +199,8 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
     budget = f"{a.backbone}/{a.pretrained} {a.image_size}px, {a.epochs}x{a.steps}x{a.batch}, M={a.n_anomalies}"
     if a.known_class:
         budget += f", hard: {a.known_class}"
+    if a.overrides:
+        budget += ", " + ", ".join(a.overrides)
     rows = []
     try:
         ours_dir = work / "ours"
@@ -197,7 +210,7 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
             "backbone.name": a.backbone, "backbone.pretrained": a.pretrained, "backbone.image_size": a.image_size,
             "base.model": a.model, "base.epochs": a.epochs, "base.steps_per_epoch": a.steps,
             "protocol.known_class": a.known_class, "base.batch_size": a.batch, "ahl.epochs": a.ahl_epochs, "ahl.steps_per_epoch": a.ahl_steps,
-            "ahl.batch_size": a.batch,
+            "ahl.batch_size": a.batch, **overrides(a.overrides),
         })  # fmt: skip
         with open(work / "ours.log", "w") as log:
             stages = pipeline_stages(ours_dir) if "ours" in a.sides else DATA_STAGES
@@ -208,11 +221,11 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
         if "ours" in a.sides:
             base_seconds = t["train_base"] + t["evaluate"]
             scores_csv = ours_dir / "results" / "scores.csv"
-            rows.append({"side": "ours", "seconds": base_seconds, **scores_metrics(split, read_scores(scores_csv, "score_base"))})
+            rows.append({"side": "ours" + a.tag, "seconds": base_seconds, **scores_metrics(split, read_scores(scores_csv, "score_base"))})
             if a.ahl:
                 ahl_seconds = t["features"] + t["train_ahl"]
                 ahl_scores = read_scores(scores_csv, "score_ahl")
-                rows.append({"side": "ours AHL", "seconds": ahl_seconds, **scores_metrics(split, ahl_scores)})
+                rows.append({"side": "ours AHL" + a.tag, "seconds": ahl_seconds, **scores_metrics(split, ahl_scores)})
         if a.official_ahl is not None and "ours" in a.sides and a.ahl and a.model == "dra":
             rows += official_ahl_row(a, seed, ours_dir, work, split, env)
         if "official" in a.sides:
@@ -260,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-anomalies", type=int, default=5)
     p.add_argument("--known-class", default=None,
                    help="hard setting: the M seen anomalies come from this anomaly class only (protocol.known_class)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="ours: one more params.yaml value (dotted key, YAML value), e.g. --set base.grad_clip=0; "
+                   "repeatable; recorded in the budget column")
     p.add_argument("--ahl-epochs", type=int, default=10)
     p.add_argument("--ahl-steps", type=int, default=5)
     p.add_argument("--no-ahl", dest="ahl", action="store_false", help="ours: skip the features and train_ahl stages")
@@ -267,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folders under OUT/work (feature caches, logs)")
     a = p.parse_args(argv)
     a.label = f"{a.classname}-hard-{a.known_class}" if a.known_class else a.classname
+    a.tag = f" [{', '.join(a.overrides)}]" if a.overrides else ""
     try:
         official_root = check_checkout(a.model, a.official_dra if a.model == "dra" else a.official_devnet)
         if a.official_ahl is not None:
