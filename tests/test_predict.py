@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ahl import provenance
+from ahl import cli, provenance
 from ahl.data.mvtec import load_images, read_subset
 from ahl.errors import UserError
 from ahl.features import CacheConfig, load_cache, write_cache
@@ -180,14 +180,17 @@ def test_thresholds_file_without_the_model_is_an_error(run_dir, small_dataset):
         (run_dir / "models/thresholds.json").unlink()
 
 
-def test_command_line_one_line_errors(tmp_path):
-    """`python -m ahl.predict` and the `ahl` entry point: exit 2 with one `error:` line, no traceback."""
-    for cmd in (["-m", "ahl.predict"], ["-m", "ahl.cli", "predict"]):
-        none = str(tmp_path / "none.png")
-        res = subprocess.run([sys.executable, *cmd, none], check=False, capture_output=True, text=True, cwd=ROOT)
-        assert res.returncode == 2 and res.stderr.strip() == f"error: no such file or folder: {tmp_path / 'none.png'}; " \
-            "give images, folders of images or a glob pattern"  # fmt: skip
+def test_command_line_one_line_errors(tmp_path, capsys):
+    """`ahl predict` (the console script's function) and `python -m ahl.predict`: exit 2 with one `error:` line."""
+    none = str(tmp_path / "none.png")
+    expected = f"error: no such file or folder: {none}; give images, folders of images or a glob pattern"
+    for argv in (["predict", none], ["nope"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == expected and err[1].startswith("usage: ahl COMMAND") and "predict" in err[3]
     res = subprocess.run(
-        [sys.executable, "-m", "ahl.cli", "nope"], check=False, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "ahl.predict", none], check=False, capture_output=True, text=True, cwd=ROOT
     )
-    assert res.returncode == 2 and "predict" in res.stderr
+    assert res.returncode == 2 and res.stderr.strip() == expected
