@@ -163,7 +163,7 @@ def check_report(path: Path) -> None:
 def test_predict_gives_evaluates_scores(repo, tmp_path):
     """`python -m ahl.predict` on the demo's test images: evaluate's scores (results/scores.csv) for the same images.
     Both files print 6 significant digits (rtol 1e-5); AHL also allows a float16 rounding of the cache flipped by a
-    batch of another size (rtol 2e-4, see tests/test_predict.py)."""
+    batch of another size (atol 5e-4 in score units, see tests/test_predict.py)."""
     out, heat = tmp_path / "predictions.csv", tmp_path / "heat"
     res = repo.run(
         sys.executable, "-m", "ahl.predict", "data/mvtec/brick/test", "--out", str(out), "--heatmaps", str(heat)
@@ -173,7 +173,7 @@ def test_predict_gives_evaluates_scores(repo, tmp_path):
     scores = pd.read_csv(repo.path / "results/scores.csv").merge(predicted, on="file", suffixes=("", "_predict"))
     assert len(scores) == len(pd.read_csv(repo.path / "results/scores.csv")) and predicted["error"].isna().all()
     np.testing.assert_allclose(scores["score_base_predict"], scores["score_base"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(scores["score_ahl_predict"], scores["score_ahl"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(scores["score_ahl_predict"], scores["score_ahl"], rtol=1e-5, atol=5e-4)
     assert all((heat / Path(f).with_suffix(".png")).is_file() for f in scores["file"].str.removeprefix("test/"))
 
 

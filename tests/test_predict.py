@@ -61,7 +61,7 @@ def run_dir(small_dataset, tmp_path_factory) -> Path:
         name: (load_images(subset.root, files, SIZE), [0] * len(files), ["good"] * len(files), list(files))
         for name, files in (("train_normal", subset.train_good), ("train_anomaly", test[-2:]), ("test", test))
     }
-    config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=32, pseudo_rotation=0.0)
+    config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=7, pseudo_rotation=0.0)  # not predict's 32
     write_cache(out / "cache", model, reference, splits, config, seed=0, device="cpu")
     return out
 
@@ -83,8 +83,9 @@ def test_scores_are_the_stages_scores(run_dir, small_dataset):
     """Base scores as evaluate computes them from images; AHL scores as evaluate computes them from the feature
     cache (float16). The same computation on the same inputs. Tolerances: the CPU's convolution kernels round
     differently for another batch size or grouping (here up to 2e-6 relative: base rtol 1e-5); a feature that sits
-    on a float16 rounding boundary can then round to the neighbouring float16 (1e-3 of that one value), which moves
-    an AHL score by up to about 1e-4 (measured 6e-5 with the cache written in batches of 7): AHL rtol 2e-4."""
+    on a float16 rounding boundary can then round to the neighbouring float16, which moves an AHL score by a small
+    absolute amount whatever the score's size (measured up to 1.6e-4 here with the cache written in batches of 7,
+    1e-4 in the pipeline test): AHL atol 5e-4 (scores range over about +-10)."""
     subset = read_subset(small_dataset, "brick")
     table = predict(args(run_dir, subset.root / "test"))
     cache = load_cache(run_dir / "cache")
@@ -97,7 +98,7 @@ def test_scores_are_the_stages_scores(run_dir, small_dataset):
     heads, _ = load_heads(run_dir / "models/ahl.pt")
     ahl = score_features(cache.test, heads, cache.reference, "cpu", 32)
     np.testing.assert_allclose(table["score_base"].to_numpy()[order], base, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(table["score_ahl"].to_numpy()[order], ahl, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(table["score_ahl"].to_numpy()[order], ahl, rtol=1e-5, atol=5e-4)
     assert (table["score"] == table["score_ahl"]).all()  # AHL decides when its heads are there
     heads_sum = -table["ahl_holistic"] + table["ahl_seen"] + table["ahl_pseudo"] + table["ahl_composite"]
     np.testing.assert_allclose(heads_sum, table["score_ahl"], rtol=1e-5, atol=1e-5)
@@ -105,7 +106,7 @@ def test_scores_are_the_stages_scores(run_dir, small_dataset):
     # the batch size does not change the scores (beyond float32 rounding)
     again = predict(args(run_dir, subset.root / "test", batch_size=5))
     np.testing.assert_allclose(again["score_base"], table["score_base"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(again["score_ahl"], table["score_ahl"], rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(again["score_ahl"], table["score_ahl"], rtol=1e-5, atol=5e-4)
 
 
 def test_heatmaps_thresholds_and_unreadable_files(run_dir, small_dataset, tmp_path):
