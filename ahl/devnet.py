@@ -26,6 +26,9 @@ class DevNetHeads(ScoringHeads):
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         return scores[:, 0]
 
+    def patch_maps(self, features: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        return [self.seen_head.patch_map(features)]
+
 
 # Base batches: half normals, half seen anomalies.
 SPEC = register_model(

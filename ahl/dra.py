@@ -49,6 +49,9 @@ class CompositeHead(nn.Module):
         # x (B, C, H, W); reference (C, H, W): mean feature of the reference normals at this scale.
         return self.patch(self.conv(reference[None] - x))
 
+    def patch_map(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:  # -> (B, H', W')
+        return self.patch.patch_map(self.conv(reference[None] - x))
+
 
 class DRAHeads(ScoringHeads):
     head_names = ("holistic", "seen", "pseudo", "composite")
@@ -88,6 +91,16 @@ class DRAHeads(ScoringHeads):
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         holistic, seen, pseudo, composite = scores.unbind(dim=1)
         return -holistic + seen + pseudo + composite
+
+    def patch_maps(self, features: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        # The holistic head pools globally and has no map: seen + pseudo + composite, as DRA localises.
+        if reference is None:
+            raise ValueError("DRA's composite head needs the reference features of every scale")
+        return [
+            self.seen_head.patch_map(features),
+            self.pseudo_head.patch_map(features),
+            self.composite_head.patch_map(features, reference),
+        ]
 
 
 # Base batches: 2/3 normal slots (half of them become CutPaste pseudo anomalies) and 1/3 seen anomalies.

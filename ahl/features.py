@@ -160,6 +160,12 @@ class CacheConfig:
             raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
 
 
+def as_cached(features: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
+    """Features as AHL's heads see them from the cache: rounded to the cache's dtype (as ``_extract`` stores them)
+    and read back as float32 (as ``ahl.scoring.score_features`` loads them), on the same device."""
+    return [torch.from_numpy(f.cpu().numpy().astype(dtype).astype(np.float32)).to(f.device) for f in features]
+
+
 def _extract(model, images_of, n: int, out: Path, name: str, config: CacheConfig, device, progress: bool) -> None:
     """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``."""
     arrays = None

@@ -40,6 +40,9 @@ class PatchHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B,)
         return topk_mean(self.conv(x), self.topk)
 
+    def patch_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H, W): what top-k pools
+        return self.conv(x)[:, 0].abs()
+
 
 class ScoringHeads(nn.Module):
     """Base class of a model's heads. Subclasses set ``head_names`` and implement ``score_scale``."""
@@ -81,6 +84,11 @@ class ScoringHeads(nn.Module):
         """The anomaly score of each image from its per-head scores: (B, n_heads) -> (B,)."""
         raise NotImplementedError
 
+    def patch_maps(self, features: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        """Localisation at one scale: the |score| of every position of each spatial head, before top-k pooling:
+        features (B, C, H, W) -> list of (B, h, w) (ahl/localize.py upsamples, sums and averages them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no spatial heads to localise with")
+
 
 class HeadsEnsemble(ScoringHeads):
     """Ablation "independent heads averaged": T copies of the heads; the final score is the mean of theirs."""
@@ -98,6 +106,10 @@ class HeadsEnsemble(ScoringHeads):
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         per_member = scores.view(scores.shape[0], len(self.members), -1)  # (B, T, n_heads)
         return torch.stack([m.final_score(per_member[:, k]) for k, m in enumerate(self.members)], 1).mean(1)
+
+    def patch_maps(self, features: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        # The final score averages the members, so the map does too: each member's maps divided by T.
+        return [m / len(self.members) for member in self.members for m in member.patch_maps(features, reference)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def main(params: Params) -> None:
         meta = {
             "model": model,
             "in_channels": int(cache.test.scales[0].shape[1]),
+            "feature_dtype": str(cache.test.scales[0].dtype),  # `ahl predict` rounds new features to it
             "topk": result.heads.topk,
             "margin": result.heads.margin,
             "official_geometry": config.official_geometry,

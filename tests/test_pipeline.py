@@ -6,15 +6,21 @@ same dataset does not download again; dvc metrics diff and dvc exp show see the 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.pipeline
@@ -109,6 +115,11 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert json.loads((plots / "sklearn/pr/ahl.json").read_text())["precision_recall"]
     shown = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
     assert {"ROC", "Precision-Recall", "AHL test AUC-ROC per epoch"} <= set(shown), sorted(shown)
+    report_pngs = {f"results/evaluation/plots/images/{n}.png" for n in REPORT_FIGURES}
+    assert report_pngs <= set(shown), sorted(shown)  # the report's PNGs are DVC plots
+    for key in ("base", "ahl"):  # the demo has masks: pixel metrics of both models' heatmaps
+        assert 0.0 <= metrics[key]["pixel_auc_roc"] <= 1.0 and 0.0 <= metrics[key]["pixel_aupro"] <= 1.0
+    check_report(repo.path / "results/report.html")
     assert '"fpr"' in json.dumps(shown["ROC"]) and '"test_auc_roc"' in json.dumps(shown["AHL test AUC-ROC per epoch"])
     # local_manifest hashes data.local (outside DVC) on every repro; its output, and so everything else, is unchanged
     second = repo.dvc("repro")
@@ -119,6 +130,51 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert repo.ran(repo.dvc("repro").stdout) == {"local_manifest"}
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline")
+
+
+REPORT_FIGURES = ("curves", "histograms", "per_class_auc", "worst_base", "worst_ahl")
+
+
+def check_report(path: Path) -> None:
+    """The report opens offline: every image is inline and decodes as a PNG, or a file that exists beside it; no
+    script, stylesheet or link to anything outside."""
+
+    class Refs(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.refs: list[tuple[str, str]] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.refs += [(tag, v) for k, v in attrs if k in ("src", "href") and v]
+
+    parser = Refs()
+    parser.feed(path.read_text())
+    images = [ref for tag, ref in parser.refs if tag == "img"]
+    assert len(images) == len(REPORT_FIGURES) and all(tag == "img" for tag, _ in parser.refs), parser.refs
+    for ref in images:
+        if ref.startswith("data:"):
+            assert ref.startswith("data:image/png;base64,")
+            with Image.open(io.BytesIO(base64.b64decode(ref.split(",", 1)[1], validate=True))) as im:
+                im.verify()
+        else:
+            assert "://" not in ref and (path.parent / ref).is_file(), ref
+
+
+def test_predict_gives_evaluates_scores(repo, tmp_path):
+    """`python -m ahl.predict` on the demo's test images: evaluate's scores (results/scores.csv) for the same images.
+    Both files print 6 significant digits (rtol 1e-5); AHL also allows a float16 rounding of the cache flipped by a
+    batch of another size (atol 5e-4 in score units, see tests/test_predict.py)."""
+    out, heat = tmp_path / "predictions.csv", tmp_path / "heat"
+    res = repo.run(
+        sys.executable, "-m", "ahl.predict", "data/mvtec/brick/test", "--out", str(out), "--heatmaps", str(heat)
+    )
+    assert "files ->" in res.stdout
+    predicted = pd.read_csv(out).assign(file=lambda t: t["path"].str.removeprefix("data/mvtec/brick/"))
+    scores = pd.read_csv(repo.path / "results/scores.csv").merge(predicted, on="file", suffixes=("", "_predict"))
+    assert len(scores) == len(pd.read_csv(repo.path / "results/scores.csv")) and predicted["error"].isna().all()
+    np.testing.assert_allclose(scores["score_base_predict"], scores["score_base"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores["score_ahl_predict"], scores["score_ahl"], rtol=1e-5, atol=5e-4)
+    assert all((heat / Path(f).with_suffix(".png")).is_file() for f in scores["file"].str.removeprefix("test/"))
 
 
 # `selection` checks every section of params.yaml, so it reruns on any param change; its output (dataset and source)
