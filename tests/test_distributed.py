@@ -6,6 +6,7 @@ import dataclasses
 import os
 import pickle
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def spawn(fn, *args, tmp_path) -> list:
     return results
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -57,9 +58,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _every_check(group: Group, dataset, out) -> dict:
+    """What the 2 ranks compute for the tests below, in one start of the processes (seconds each on 2 cores)."""
+    return {
+        "ahl_dra": _ahl(group, AHL_CONFIG, "dra"),
+        "ahl_devnet": _ahl(group, AHL_CONFIG, "devnet"),
+        "ahl_independent": _ahl(group, INDEPENDENT, "dra"),
+        "gradient": _one_step_gradient(group),
+        "train": _train(group),
+        "cache": _cache(group, dataset, out),
+    }
+
+
+@pytest.fixture(scope="module")
+def ranks(small_dataset, tmp_path_factory) -> tuple[list[dict], Path]:
+    """Every rank's results, and the folder the ranks' feature cache was written into."""
+    root = tmp_path_factory.mktemp("ranks")
+    (root / "results").mkdir(), (root / "out").mkdir()
+    return spawn(_every_check, small_dataset, root / "out" / "c", tmp_path=root / "results"), root / "out"
+
+
 # ---------------------------------------------------------------- AHL: tasks over ranks
 # history 1: psi is trained from epoch 2, so epochs 3 and 4 run with psi's (non-uniform) task weights
 AHL_CONFIG = dataclasses.replace(FAST, epochs=4, history=1)
+INDEPENDENT = dataclasses.replace(AHL_CONFIG, cdl=False, epochs=2)
 
 
 def _ahl(group: Group, config, model: str):
@@ -80,17 +102,16 @@ def _assert_same_run(single, ranks) -> None:
 
 
 @pytest.mark.parametrize("model", ["dra", "devnet"])
-def test_ahl_tasks_over_two_ranks_equal_one_process(tmp_path, model):
+def test_ahl_tasks_over_two_ranks_equal_one_process(ranks, model):
     """The meta-gradients summed over ranks, DRA's BatchNorm statistics replayed in task order, psi's pool
     scores gathered: 4 epochs (2 with psi's weights) give the single-process heads and history within 1e-5."""
     single = _ahl(Group(), AHL_CONFIG, model)
     assert len(set(np.round(single[1][-1]["task_weights"], 6))) > 1  # psi's weights are in play
-    _assert_same_run(single, spawn(_ahl, AHL_CONFIG, model, tmp_path=tmp_path))
+    _assert_same_run(single, [r[f"ahl_{model}"] for r in ranks[0]])
 
 
-def test_ahl_independent_heads_over_two_ranks_equal_one_process(tmp_path):
-    config = dataclasses.replace(AHL_CONFIG, cdl=False, epochs=2)
-    _assert_same_run(_ahl(Group(), config, "dra"), spawn(_ahl, config, "dra", tmp_path=tmp_path))
+def test_ahl_independent_heads_over_two_ranks_equal_one_process(ranks):
+    _assert_same_run(_ahl(Group(), INDEPENDENT, "dra"), [r["ahl_independent"] for r in ranks[0]])
 
 
 # ---------------------------------------------------------------- base training with DDP
@@ -118,7 +139,7 @@ def _one_step_gradient(group: Group):
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_base_gradient_over_two_ranks_equals_one_process(tmp_path):
+def test_base_gradient_over_two_ranks_equals_one_process(ranks):
     """Why only this can be equal: in training the backbone's BatchNorm normalises each rank's rows with their
     own batch statistics (DDP's behaviour; gloo has no SyncBatchNorm), which one process does over the whole
     batch. With the statistics fixed, the ranks' uneven shares (4 and 3 rows) and the reference images every
@@ -129,7 +150,7 @@ def test_base_gradient_over_two_ranks_equals_one_process(tmp_path):
     loss = train_step(model, to_input(images, cpu), torch.from_numpy(labels), to_input(ref, cpu))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for rank_loss, rank_grads in spawn(_one_step_gradient, tmp_path=tmp_path):
+    for rank_loss, rank_grads in (r["gradient"] for r in ranks[0]):
         assert abs(rank_loss - float(loss.detach())) < 1e-5
         assert rank_grads.keys() == grads.keys()
         for name, g in grads.items():
@@ -141,8 +162,8 @@ def _train(group: Group):
     return {k: v.clone() for k, v in ckpt.model.state_dict().items() if "running" not in k}, ckpt.meta["history"]
 
 
-def test_base_training_over_two_ranks_keeps_the_replicas_equal(tmp_path):
-    (state0, history0), (state1, history1) = spawn(_train, tmp_path=tmp_path)
+def test_base_training_over_two_ranks_keeps_the_replicas_equal(ranks):
+    (state0, history0), (state1, history1) = (r["train"] for r in ranks[0])
     assert history0 == history1 and np.isfinite(history0[0]["loss"])
     for key, value in state0.items():
         assert torch.equal(value, state1[key]), key
@@ -157,15 +178,14 @@ def _cache(group: Group, dataset, out):
     write_cache(out, model, reference, _splits(dataset), CacheConfig(batch_size=4), seed=0, device="cpu", group=group)
 
 
-def test_feature_cache_from_two_ranks_is_identical_to_one(small_dataset, tmp_path):
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir(), (tmp_path / "results").mkdir()
-    _cache(Group(), small_dataset, tmp_path / "one" / "c")
-    spawn(_cache, small_dataset, tmp_path / "two" / "c", tmp_path=tmp_path / "results")
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["c"]  # rank 1 wrote nothing, not even a tmp
-    files = sorted(p.name for p in (tmp_path / "one" / "c").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "two" / "c").iterdir()) and len(files) > 10
+def test_feature_cache_from_two_ranks_is_identical_to_one(small_dataset, ranks, tmp_path):
+    _cache(Group(), small_dataset, tmp_path / "c")
+    two = ranks[1]
+    assert sorted(p.name for p in two.iterdir()) == ["c"]  # rank 1 wrote nothing, not even a temporary folder
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert files == sorted(p.name for p in (two / "c").iterdir()) and len(files) > 10
     for name in files:
-        assert (tmp_path / "one" / "c" / name).read_bytes() == (tmp_path / "two" / "c" / name).read_bytes(), name
+        assert (tmp_path / "c" / name).read_bytes() == (two / "c" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- config
