@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ahl.config import at_least
+from ahl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,13 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
         yield Group(), device
         return
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"params.yaml: distributed.nproc (or torchrun's --nproc-per-node) starts process {local_rank} on a "
+                f"machine with {torch.cuda.device_count()} GPU(s): use at most one process per GPU"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
