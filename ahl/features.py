@@ -6,6 +6,7 @@ Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float1
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ahl.augment import cutmix, cutpaste, rotate
 from ahl.backbones import to_input
+from ahl.distributed import SINGLE, Group
 from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
 from ahl.io import atomic_dir, read_json, write_json
@@ -166,21 +168,35 @@ def as_cached(features: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
     return [torch.from_numpy(f.cpu().numpy().astype(dtype).astype(np.float32)).to(f.device) for f in features]
 
 
-def _extract(model, images_of, n: int, out: Path, name: str, config: CacheConfig, device, progress: bool) -> None:
-    """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``."""
+def _extract(model, images_of, n: int, out, name: str, config: CacheConfig, device, progress: bool, group) -> None:
+    """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``.
+
+    Several ranks: batch k is rank k % world's (the same batches as one process, so the same features); rank 0
+    gathers each round of batches and writes them (``out`` is None on the others)."""
     arrays = None
+    starts = list(range(0, n, config.batch_size))
     bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
-    for start in range(0, n, config.batch_size):
-        batch = np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
-        feats = model.features(to_input(batch, device))
-        if arrays is None:
-            arrays = [
-                np.lib.format.open_memmap(out / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:]))
-                for s, f in enumerate(feats)
-            ]
-        for s, f in enumerate(feats):
-            arrays[s][start : start + len(batch)] = f.cpu().numpy().astype(config.dtype)
-        bar.update(len(batch))
+    for first in range(0, len(starts), group.world):
+        round_starts = starts[first : first + group.world]
+        feats = None
+        if group.rank < len(round_starts):
+            start = round_starts[group.rank]
+            batch = np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
+            feats = [f.cpu().numpy().astype(config.dtype) for f in model.features(to_input(batch, device))]
+        parts = group.gather(feats)
+        if out is None:
+            continue
+        for start, part in zip(round_starts, parts):
+            if arrays is None:
+                arrays = [
+                    np.lib.format.open_memmap(
+                        out / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:])
+                    )
+                    for s, f in enumerate(part)
+                ]
+            for s, f in enumerate(part):
+                arrays[s][start : start + len(f)] = f
+            bar.update(len(part[0]))
     bar.close()
     for a in arrays or []:
         a.flush()
@@ -197,22 +213,23 @@ def write_cache(
     device,
     progress: bool = False,
     meta: dict | None = None,
+    group: Group = SINGLE,
 ) -> None:
     """Extract features of every split and of the pseudo anomalies of ``splits["train_normal"]`` into ``out``.
 
     The model runs in eval mode under no_grad with the normalisation inside its backbone, exactly as when
     scoring. Pseudo anomalies are made with one seeded generator per family, so each family is reproducible
-    on its own.
+    on its own. Under torchrun (``group``) the ranks share the batches and rank 0 alone writes.
     """
     model.eval()
     normals = splits["train_normal"][0]
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
     index: dict = {"n_scales": len(reference), "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
-    with atomic_dir(out) as tmp, torch.no_grad():
+    with atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp, torch.no_grad():
 
         def extract(name: str, images_of, labels, classes, files) -> None:
-            _extract(model, images_of, len(labels), tmp, name, config, device, progress)
+            _extract(model, images_of, len(labels), tmp, name, config, device, progress and group.is_main, group)
             index["splits"][name] = {"labels": [int(v) for v in labels], "classes": list(classes), "files": list(files)}
 
         for name, (images, labels, classes, files) in splits.items():
@@ -224,6 +241,8 @@ def write_cache(
                 made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8
                 name = f"pseudo_{family}" if config.variants == 1 else f"pseudo_{family}@{v}"
                 extract(name, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
+        if tmp is None:  # not rank 0
+            return
         for s, r in enumerate(reference):
             np.save(tmp / f"reference.s{s}.npy", r.float().cpu().numpy())
         write_json(tmp / INDEX, index)

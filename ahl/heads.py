@@ -72,13 +72,20 @@ class ScoringHeads(nn.Module):
         """For each head: (mask of the samples it trains on, its binary target). labels: (B,) in {0, 1, 2}."""
         raise NotImplementedError
 
-    def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum over heads of the deviation loss (margin ``self.margin``) on the samples each head trains on."""
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
+        """Sum over heads of the deviation loss (margin ``self.margin``) on the samples each head trains on.
+        ``counts``: when the rows are one rank's share of a larger batch, each head's samples in the whole batch
+        (head_counts); each head's mean then becomes this rank's part of the whole batch's mean."""
         total = scores.new_zeros(())
         for h, (mask, target) in enumerate(self.targets(labels)):
             if mask.any():
-                total = total + deviation_loss(scores[mask, h], target[mask], self.margin)
+                loss = deviation_loss(scores[mask, h], target[mask], self.margin)
+                total = total + (loss if counts is None else loss * (int(mask.sum()) / counts[h]))
         return total
+
+    def head_counts(self, labels: torch.Tensor) -> list[int]:
+        """The number of samples each head trains on in a batch of ``labels``."""
+        return [int(mask.sum()) for mask, _ in self.targets(labels)]
 
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         """The anomaly score of each image from its per-head scores: (B, n_heads) -> (B,)."""

@@ -3,7 +3,9 @@
 Batches are balanced as the model's spec says (ahl.heads.ModelSpec): DRA uses 2/3 normal slots (each turned into
 a same-image CutPaste pseudo anomaly with probability ``pseudo_prob``) and 1/3 seen anomalies, plus ``n_ref``
 reference normals whose mean feature feeds the composite head; DevNet uses half normals, half seen anomalies.
-Random rotation augments every image.
+Random rotation augments every image. Under torchrun every rank draws the same global batch and trains on its
+rows with DDP (ahl/distributed.py); the backbone's BatchNorm then normalises each rank's rows on their own (as
+DDP does; CPU's gloo has no SyncBatchNorm), so N ranks are not bitwise one process: see the README.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ahl.augment import cutpaste, rotate
 from ahl.backbones import to_input
 from ahl.config import at_least, one_of, positive
+from ahl.distributed import SINGLE, Group
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
@@ -116,14 +120,43 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     reference_images: torch.Tensor | None,
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
-    """Loss of one batch. DRA's reference images go through the backbone in the same batch (as in DRA)."""
+    """Loss of one batch. DRA's reference images go through the backbone in the same batch (as in DRA).
+    ``counts``: the rows are a rank's share of a larger batch (ScoringHeads.loss)."""
     n_ref = 0 if reference_images is None else len(reference_images)
     x = images if reference_images is None else torch.cat([reference_images, images])
     feats = model.features(x)
     reference = [f[:n_ref].mean(dim=0) for f in feats] if n_ref else None
     scores = model.heads([f[n_ref:] for f in feats], reference)
-    return model.heads.loss(scores, labels)
+    return model.heads.loss(scores, labels, counts)
+
+
+class _Step(torch.nn.Module):
+    """train_step as a module: DDP synchronises the gradients of what its forward ran."""
+
+    def __init__(self, model: AnomalyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels, reference_images, counts):
+        return train_step(self.model, images, labels, reference_images, counts)
+
+
+def rank_backward(step, images: np.ndarray, labels: np.ndarray, ref, device, group: Group) -> float:
+    """Backward of this rank's rows of the global batch through ``step`` (DDP over _Step): each head's mean
+    is taken over its samples in the global batch, so that DDP's mean over the ranks (times world) is the
+    gradient of the global batch's loss; every rank forwards the reference images. Returns the global loss."""
+    rows = group.rows(len(images))
+    counts = step.module.model.heads.head_counts(torch.from_numpy(labels))
+    loss = step(
+        to_input(images[rows], device),
+        torch.from_numpy(labels[rows]).to(device),
+        None if ref is None else to_input(ref, device),
+        counts,
+    )
+    (loss * group.world).backward()
+    return float(group.sum_(loss.detach()))
 
 
 @torch.no_grad()
@@ -133,25 +166,30 @@ def reference_features(model: AnomalyModel, images: np.ndarray, device: torch.de
     return [f.mean(dim=0) for f in model.features(to_input(images, device))]
 
 
-def _epoch(model, sampler, optimizer, config: BaseConfig, device, desc: str, progress: bool) -> float:
-    """One epoch of steps_per_epoch clipped Adam steps; returns the mean loss."""
+def _epoch(model, sampler, optimizer, config: BaseConfig, device, desc: str, progress: bool, group=SINGLE, ddp=None):
+    """One epoch of steps_per_epoch clipped Adam steps; returns the mean loss. Several ranks: ``ddp`` is
+    DDP over _Step(model)."""
     model.train()
     losses = []
     bar = tqdm(range(config.steps_per_epoch), desc=desc, disable=not progress)
     for _ in bar:
         images, labels, ref = sampler()
-        loss = train_step(
-            model,
-            to_input(images, device),
-            torch.from_numpy(labels).to(device),
-            None if ref is None else to_input(ref, device),
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if group.world > 1:
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(rank_backward(ddp, images, labels, ref, device, group))
+        else:
+            loss = train_step(
+                model,
+                to_input(images, device),
+                torch.from_numpy(labels).to(device),
+                None if ref is None else to_input(ref, device),
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            losses.append(loss.item())
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return float(np.mean(losses))
 
@@ -165,15 +203,20 @@ def train_base(
     seed: int,
     device: torch.device,
     progress: bool = False,
+    group: Group = SINGLE,
 ) -> Checkpoint:
-    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each)."""
+    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each); ``group``: this rank's
+    place under torchrun (every rank returns the same weights; rank 0 saves them)."""
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):  # head initialisation from the seed, without touching global state
         torch.manual_seed(seed)
         model = build_model(config.model, backbone, topk=config.topk, margin=config.margin).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-    sampler = BatchSampler(normals, anomalies, config, rng)
+    sampler = BatchSampler(normals, anomalies, config, rng)  # on every rank: the same global batches
+    ddp = None
+    if group.world > 1:
+        ddp = DistributedDataParallel(_Step(model), device_ids=[device] if device.type == "cuda" else None)
     step_at_start = get_model(config.model).lr_step_at_epoch_start
     history = []
     for epoch in range(config.epochs):
@@ -182,7 +225,8 @@ def train_base(
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 scheduler.step()
         start = time.perf_counter()
-        loss = _epoch(model, sampler, optimizer, config, device, f"epoch {epoch + 1}/{config.epochs}", progress)
+        desc = f"epoch {epoch + 1}/{config.epochs}"
+        loss = _epoch(model, sampler, optimizer, config, device, desc, progress and group.is_main, group, ddp)
         if not step_at_start:
             scheduler.step()
         # Wall times go to the log only: the checkpoint must be byte-identical for the same params and seed,

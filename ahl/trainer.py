@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ahl.cdl import task_meta_gradient
 from ahl.config import at_least, one_of, positive
+from ahl.distributed import SINGLE, Group, TaskSplit, share_members
 from ahl.errors import UserError
 from ahl.estimator import WEIGHTINGS, EstimatorConfig, GeneralisationEstimation, QueryPool
 from ahl.features import FeatureCache
@@ -139,8 +140,8 @@ def _reinitialise(heads: ScoringHeads, seed: int) -> None:
 class AHLTrainer:
     """State of one AHL run; ``epoch()`` does one epoch. See train_ahl for what an epoch is."""
 
-    def __init__(self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device):
-        self.config, self.device, self.cache = config, torch.device(device), cache
+    def __init__(self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device, group=SINGLE):
+        self.config, self.device, self.cache, self.group = config, torch.device(device), cache, group
         self.rng = np.random.default_rng(seed)
         self.variants = family_variants(list(cache.pseudo))
         self.families = sorted(self.variants)
@@ -232,6 +233,7 @@ class AHLTrainer:
         self.estimation.push(pool_scores)
         psi_loss = self.estimation.fit()
         self.weights, self.rewards = self.estimation.weights(self.pool_labels, self.pool_cost, self.pool_include)
+        self.weights = self.group.broadcast_array(self.weights)  # every rank fits psi alike; rank 0's rule
         return {
             "outer_loss": float(np.mean(query_losses @ weights)),
             "query_losses": query_losses.mean(axis=0).tolist(),
@@ -257,11 +259,14 @@ class AHLTrainer:
         theta, buffers = dict(heads.named_parameters()), dict(heads.named_buffers())
         n_batches = c.steps_per_epoch // c.outer_steps_per_epoch
         pool_scores = np.zeros((len(self.pool), len(self.tasks)), dtype=np.float32) if last else None
+        split = TaskSplit(self.group, heads, len(self.tasks))  # tasks over ranks (ahl/distributed.py)
         for i, task in enumerate(self.tasks):
             # batches are gathered when used: keeping 20 float32 batches at the papers' shapes would cost 0.5 GB
             # for a ~1 % faster step (bench_ahl.py: gather 6 ms, inner step 560 ms)
             batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n_batches)
             queries = self._batches(task.query_normals, task.query_anomalies, task.query_family, c.query_batches)
+            if not split.begin(i):  # another rank's task: its batches were drawn all the same (one stream)
+                continue
             phi, losses, query_losses[i] = task_meta_gradient(
                 heads, theta, buffers,
                 (self.store.batch(b, split_of) for _ in range(c.update_step) for b in batches),
@@ -270,7 +275,8 @@ class AHLTrainer:
             )  # fmt: skip
             support_losses[i] = float(torch.stack(losses[-n_batches:]).mean())  # the last round
             if last:
-                pool_scores[:, i] = final_scores(heads, phi, buffers, self._pool_chunks(), self.reference)
+                split.score(i, phi, pool_scores, final_scores, self._pool_chunks, self.reference)  # psi's inputs
+        split.finish((query_losses, support_losses), pool_scores)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(heads.parameters(), c.grad_clip))
         self.optimizers[0].step()
         return pool_scores, grad_norm
@@ -279,12 +285,14 @@ class AHLTrainer:
         """Ablation: member i takes steps_per_epoch Adam steps (the outer optimiser's settings) on batches of
         task i's support set; no meta-gradient, no psi; the result is the average of the members' final scores."""
         c = self.config
-        losses = []
-        for task, model, optimizer in zip(self.tasks, self.models, self.optimizers):
+        losses = np.zeros(len(self.tasks))
+        for i, (task, model, optimizer) in enumerate(zip(self.tasks, self.models, self.optimizers)):
             model.train()
             task_loss = []
             n = c.steps_per_epoch
             batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n)
+            if not self.group.owns(i):  # another rank's member (ahl/distributed.py)
+                continue
             for b in batches:
                 features, labels = self.store.batch(b, split_of)
                 optimizer.zero_grad(set_to_none=True)
@@ -293,7 +301,8 @@ class AHLTrainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 optimizer.step()
                 task_loss.append(loss.detach())
-            losses.append(float(torch.stack(task_loss).mean()))
+            losses[i] = float(torch.stack(task_loss).mean())
+        losses = share_members(self.models, np.array(losses), self.group).tolist()
         n = len(self.tasks)
         return {
             "outer_loss": float(np.mean(losses)),
@@ -312,6 +321,7 @@ def train_ahl(
     device: torch.device | str,
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
+    group: Group = SINGLE,
 ) -> AHLResult:
     """Train AHL on a feature cache, starting from ``heads`` (the base model's; left unchanged).
 
@@ -320,7 +330,7 @@ def train_ahl(
     query loss back-propagated (weighted by w_i) into theta_g; then one clipped Adam step on theta_g, StepLR,
     and psi's update of the weights. The returned model is the last epoch's (no selection on the test set).
     """
-    trainer = AHLTrainer(cache, heads, config, seed, device)
+    trainer = AHLTrainer(cache, heads, config, seed, device, group)
     history = []
     bar = tqdm(range(config.epochs), desc="AHL", disable=not progress, unit="epoch")
     for _ in bar:

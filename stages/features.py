@@ -1,9 +1,12 @@
 """Stage features: the frozen base model's features of train, test and pseudo-anomaly images -> cache/features."""
 
+import sys
+
 from common import ROOT, Params, run
 
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
+from ahl.distributed import DistributedConfig, process_group, relaunch
 from ahl.features import CacheConfig, write_cache
 from ahl.io import read_json
 from ahl.model import load_checkpoint
@@ -14,8 +17,13 @@ DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cac
 
 
 def main(params: Params) -> None:
+    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
     config = params.section("features", CacheConfig)
-    device = resolve_device(params.device)
+    with process_group(resolve_device(params.device)) as (group, device):
+        _cache(params, config, device, group)
+
+
+def _cache(params: Params, config: CacheConfig, device, group) -> None:
     split = Split.from_dict(read_json(ROOT / SPLIT))
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
@@ -37,8 +45,10 @@ def main(params: Params) -> None:
     }  # fmt: skip
     write_cache(
         ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
-        seed=params.seed, device=device, progress=show_progress(), meta=meta,
+        seed=params.seed, device=device, progress=show_progress() and group.is_main, meta=meta, group=group,
     )  # fmt: skip
+    if not group.is_main:
+        return
     n_images = sum(len(p[0]) for p in splits.values())
     print(f"cached features of {n_images} images + {len(config.families)} families in {OUT}")
 

@@ -12,6 +12,7 @@ from ahl.data.download import DataConfig
 from ahl.data.embedded import EmbeddedConfig
 from ahl.data.protocol import ProtocolConfig
 from ahl.data.datasets import resolve
+from ahl.distributed import DistributedConfig
 from ahl.features import CacheConfig
 from ahl.io import write_json
 from ahl.metrics import EvaluateConfig
@@ -24,6 +25,7 @@ OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
     "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
+    "distributed": DistributedConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 

@@ -6,11 +6,14 @@ the test labels, and the model kept is the last epoch's.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from common import ROOT, Params, run
 from live import live
 
 from ahl import provenance
+from ahl.distributed import DistributedConfig, process_group, relaunch
 from ahl.features import INDEX, load_cache
 from ahl.metrics import auc_roc_pr
 from ahl.model import load_checkpoint, save_heads
@@ -22,18 +25,26 @@ CACHE, BASE, OUT, LOG = "cache/features", "models/base.pt", "models/ahl.pt", "re
 
 
 def main(params: Params) -> None:
+    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
     config = params.section("ahl", AHLConfig)
-    device = resolve_device(params.device)
     cache = load_cache(ROOT / CACHE)
     base = load_checkpoint(ROOT / BASE, "cpu")
     provenance.check(CACHE, cache.meta.get("inputs"), "python stages/features.py", base=ROOT / BASE)
     model = base.meta["model"]
-    print(
-        f"AHL({model}) on {len(cache.train_normal)} normals, {len(cache.train_anomaly)} seen anomalies, "
-        f"families {sorted(cache.pseudo)} ({device})"
-    )
     sizes = [tuple(x.shape[-2:]) for x in cache.test.scales]
     heads = initial_heads(base.model.heads, model, config.official_geometry, sizes)
+    with process_group(resolve_device(params.device)) as (group, device):
+        if group.is_main:
+            print(
+                f"AHL({model}) on {len(cache.train_normal)} normals, {len(cache.train_anomaly)} seen anomalies, "
+                f"families {sorted(cache.pseudo)} ({device}{f', {group.world} ranks' if group.world > 1 else ''})"
+            )
+            _train(params, config, cache, heads, model, device, group)
+        else:  # this rank's tasks; rank 0 logs, scores the test set and writes
+            train_ahl(cache, heads, config, seed=params.seed, device=device, group=group)
+
+
+def _train(params: Params, config: AHLConfig, cache, heads, model: str, device, group) -> None:
     with live(ROOT / LOG) as logger:
 
         def on_epoch(epoch: int, scored) -> dict:
@@ -47,8 +58,9 @@ def main(params: Params) -> None:
             return entry
 
         result = train_ahl(
-            cache, heads, config, seed=params.seed, device=device, progress=show_progress(), on_epoch=on_epoch
-        )
+            cache, heads, config, seed=params.seed, device=device, progress=show_progress(), on_epoch=on_epoch,
+            group=group,
+        )  # fmt: skip
         meta = {
             "model": model,
             "in_channels": int(cache.test.scales[0].shape[1]),

@@ -1,9 +1,12 @@
 """Stage train_base: fine-tune the base model (DRA or DevNet) on the split's training data -> models/base.pt."""
 
+import sys
+
 from common import ROOT, Params, run
 
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
+from ahl.distributed import DistributedConfig, process_group, relaunch
 from ahl.io import read_json
 from ahl.model import BackboneConfig, save_checkpoint
 from ahl.provenance import inputs
@@ -14,15 +17,24 @@ DATA, SPLIT, OUT = "data/mvtec", "data/split.json", "models/base.pt"
 
 
 def main(params: Params) -> None:
+    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
     split = Split.from_dict(read_json(ROOT / SPLIT))
     backbone = params.section("backbone", BackboneConfig)
     config = params.section("base", BaseConfig)
-    device = resolve_device(params.device)
     root = ROOT / DATA / split.classname
     normals = load_images(root, [s.file for s in split.train_normals], backbone.image_size)
     anomalies = load_images(root, [s.file for s in split.train_anomalies], backbone.image_size)
-    print(f"training {config.model} on {len(normals)} normals + {len(anomalies)} seen anomalies ({device})")
-    ckpt = train_base(normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress())
+    with process_group(resolve_device(params.device)) as (group, device):
+        ranks = f", {group.world} ranks" if group.world > 1 else ""
+        if group.is_main:
+            print(
+                f"training {config.model} on {len(normals)} normals + {len(anomalies)} seen anomalies ({device}{ranks})"
+            )
+        ckpt = train_base(
+            normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress(), group=group
+        )
+        if not group.is_main:  # rank 0 writes the outputs
+            return
     ckpt.meta["reference_files"] = [split.train_normals[i].file for i in ckpt.meta["reference_index"]]
     ckpt.meta["classname"] = split.classname
     ckpt.meta["inputs"] = inputs(split=ROOT / SPLIT)
