@@ -62,6 +62,14 @@ class Params:
         return from_params(cls, self.raw[name], name)
 
 
+def local_path(local: str | None) -> Path | None:
+    """data.local as a path; relative to the project root (where params.yaml is), like every other path."""
+    if local is None:
+        return None
+    path = Path(local).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
 def run(main: Callable[[Params], None], description: str) -> None:
     """Parse ``--params``, set up logging, call ``main(params)``; a UserError becomes one line and exit 2."""
     parser = argparse.ArgumentParser(description=description)
