@@ -19,12 +19,14 @@ from ahl.metrics import EvaluateConfig
 from ahl.model import BackboneConfig
 from ahl.runtime import resolve_device
 from ahl.train import BaseConfig
+from ahl.threshold import ThresholdConfig
 from ahl.trainer import AHLConfig
 
 OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
-    "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
+    "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "threshold": ThresholdConfig,
+    "evaluate": EvaluateConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 

@@ -74,6 +74,7 @@ def inspect_folder(root: Path, local: Path | str, shown: Path | None = None) -> 
 def _inspect(real: Path, root: Path, fix: str) -> OwnLayout:
     def at(*parts: str) -> Path:  # a path under the real folder; ``root / parts`` is what messages show
         return real.joinpath(*parts)
+
     if at("train").is_dir() or at("test").is_dir():
         normals = {split: _images(at(split, GOOD)) for split in ("train", "test")}
         for split, files in normals.items():
