@@ -26,7 +26,7 @@ T = TypeVar("T")
 # The top level of params.yaml: three values and one section per part of the pipeline. The stage `selection`
 # (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
 VALUES = ("classname", "seed", "device")
-SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "threshold", "evaluate")
+SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "threshold")
 
 
 class Params:

@@ -25,8 +25,8 @@ from ahl.trainer import AHLConfig
 OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
-    "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "threshold": ThresholdConfig,
-    "evaluate": EvaluateConfig,
+    "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
+    "threshold": ThresholdConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 

@@ -107,3 +107,26 @@ def test_a_registered_name_wins_unless_data_local_holds_it(small_dataset, tmp_pa
     with caplog.at_level(logging.WARNING):
         assert select("brick", local, M2)["dataset"] == own.OWN
     assert "'brick' is also a registered subset; using your folder" in caplog.text
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_your_own_folder_runs_through_the_whole_pipeline(small_dataset, tmp_path_factory, layout):
+    """`dvc exp run -S classname=mine -S data.local=...` on a new folder, no code change: every stage runs, and the
+    metrics, the split and the thresholds are those of `mine`."""
+    import json
+
+    from test_pipeline import Repo, tiny_params
+
+    local = make_own(small_dataset, tmp_path_factory.mktemp("mydata"), layout=layout)
+    repo = Repo(tmp_path_factory.mktemp("own"), tiny_params())
+    res = repo.dvc("exp", "run", "-S", "classname=mine", "-S", f"data.local={local}")
+    assert {"selection", "download", "convert", "split", "train_base", "calibrate", "evaluate"} <= repo.ran(res.stdout)
+    assert json.loads((repo.path / "data/selection.json").read_text())["dataset"] == own.OWN
+    metrics = json.loads((repo.path / "results/metrics.json").read_text())
+    assert metrics["classname"] == "mine" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
+    assert set(metrics["base"]["per_class_auc_roc"]) <= {"crack", "foreign", "hole", "scratch", "stain"}
+    assert "f1" in metrics["ahl"]["at_threshold"]
+    assert set(json.loads((repo.path / "models/thresholds.json").read_text())) == {"base", "ahl", "inputs"}
+    n_test_good = 6 if layout == "mvtec" else 5  # its own split, or 3:1 of the 18 normals by data.split_seed
+    assert metrics["base"]["n_test"]["normal"] == n_test_good
