@@ -1,7 +1,12 @@
 """Stage calibrate: the deployment threshold of the base model and of AHL, chosen on the validation slice (held-out
-training normals and spare anomalies, never the test set) -> models/thresholds.json."""
+training normals and spare anomalies, never the test set) -> models/thresholds.json.
+
+Without validation normals (protocol.validation_fraction = 0, the papers' training set) each model's entry is
+null and evaluate reports no metrics at a threshold."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from common import ROOT, Params, run
@@ -20,6 +25,7 @@ from ahl.threshold import ThresholdConfig, choose
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL, OUT = "cache/features", "models/ahl.pt", "models/thresholds.json"
 FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py"  # what reruns a stale input
+log = logging.getLogger("stage")
 
 
 def validation_scores(params: Params, split: Split, batch_size: int) -> dict[str, np.ndarray]:
@@ -45,14 +51,16 @@ def main(params: Params) -> None:
     config = params.section("threshold", ThresholdConfig)
     split = Split.from_dict(read_json(ROOT / SPLIT))
     labels = np.array([s.label for s in split.validation])
-    scores = validation_scores(params, split, config.batch_size) if len(split.validation) else {}
-    out = {}
-    for key in ("base", "ahl"):
-        s = scores.get(key, np.zeros(0))
-        out[key] = choose(config, s[labels == 0], s[labels == 1], f"{key} on {SPLIT}")
-        v = out[key]["validation"]
-        print(f"{key}: threshold {out[key]['threshold']:.6g} ({config.rule}); validation {v['normal']} normals, "
-              f"{v['anomaly']} anomalies, FPR {v['fpr']}")  # fmt: skip
+    out: dict = {"base": None, "ahl": None}
+    if not (labels == 0).any():  # protocol.validation_fraction = 0 (the papers' training set): no threshold
+        log.warning("no validation normals (protocol.validation_fraction = 0): no thresholds in %s", OUT)
+    else:
+        scores = validation_scores(params, split, config.batch_size)
+        for key, s in scores.items():
+            out[key] = choose(config, s[labels == 0], s[labels == 1], f"{key} on {SPLIT}")
+            v = out[key]["validation"]
+            print(f"{key}: threshold {out[key]['threshold']:.6g} ({config.rule}); validation {v['normal']} normals, "
+                  f"{v['anomaly']} anomalies, FPR {v['fpr']}")  # fmt: skip
     out["inputs"] = provenance.inputs(split=ROOT / SPLIT, base=ROOT / BASE, ahl=ROOT / AHL)
     write_json(ROOT / OUT, out)
 

@@ -80,7 +80,8 @@ def main(params: Params) -> None:
     )
     for key, s in scores.items():
         metrics[key] = {"model": names[key], **compute_metrics(labels, s, classes, seen)}
-        metrics[key]["at_threshold"] = metrics_at_threshold(labels, s, thresholds[key])
+        if thresholds.get(key):  # null: no validation slice (protocol.validation_fraction = 0)
+            metrics[key]["at_threshold"] = metrics_at_threshold(labels, s, thresholds[key])
     table = pd.DataFrame({"file": [s.file for s in split.test], "label": labels, "class": classes, "seen": seen})
     for key, s in scores.items():
         table[f"score_{key}"] = s

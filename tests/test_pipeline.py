@@ -98,7 +98,7 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert repo.ran(first.stdout) == {
         "local_manifest", "selection", "download", "convert", "split", "train_base", "features", "train_ahl",
         "calibrate", "evaluate",
-    }
+    }  # fmt: skip
     metrics = json.loads((repo.path / "results/metrics.json").read_text())
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
     assert 0.0 <= metrics["base"]["auc_roc"] <= 1.0 and "auc_pr" in metrics["base"]
