@@ -48,6 +48,7 @@ class FeatureCache:
     test: FeatureSet
     reference: list[np.ndarray]  # per scale (C, H_s, W_s) float32: mean feature of DRA's reference normals
     meta: dict = field(default_factory=dict)
+    validation: FeatureSet | None = None  # held-out normals and spare anomalies (labels 0/1), for the threshold
 
     @property
     def n_scales(self) -> int:
@@ -96,6 +97,7 @@ def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
         test=load("test"),
         reference=[np.asarray(array(path / f"reference.s{s}.npy"), dtype=np.float32) for s in range(n_scales)],
         meta=index.get("meta", {}),
+        validation=load("validation") if "validation" in names else None,
     )
 
 

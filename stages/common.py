@@ -26,7 +26,7 @@ T = TypeVar("T")
 # The top level of params.yaml: three values and one section per part of the pipeline. The stage `selection`
 # (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
 VALUES = ("classname", "seed", "device")
-SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "distributed")
+SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "threshold", "distributed")
 
 
 class Params:
@@ -60,6 +60,14 @@ class Params:
 
     def section(self, name: str, cls: type[T]) -> T:
         return from_params(cls, self.raw[name], name)
+
+
+def local_path(local: str | None) -> Path | None:
+    """data.local as a path; relative to the project root (where params.yaml is), like every other path."""
+    if local is None:
+        return None
+    path = Path(local).expanduser()
+    return path if path.is_absolute() else ROOT / path
 
 
 def run(main: Callable[[Params], None], description: str) -> None:

@@ -2,7 +2,7 @@
 
 from common import ROOT, Params, run
 
-from ahl.data.datasets import get_dataset
+from ahl.data.datasets import selected_dataset
 from ahl.data.download import DataConfig
 from ahl.data.mvtec import validate_dataset
 from ahl.io import read_json
@@ -11,7 +11,7 @@ SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
 
 
 def main(params: Params) -> None:
-    dataset = get_dataset(read_json(ROOT / SELECTION)["dataset"])
+    dataset = selected_dataset(read_json(ROOT / SELECTION))
     dataset.convert(ROOT / RAW, ROOT / OUT, seed=params.section("data", DataConfig).split_seed)
     subsets = validate_dataset(ROOT / OUT)
     print(f"{dataset.name}: {len(subsets)} subset(s) in {OUT}: {', '.join(subsets)}")

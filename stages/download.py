@@ -1,29 +1,19 @@
 """Stage download: obtain the raw data of the selected source into data/raw (built, copied or downloaded)."""
 
-from pathlib import Path
-
-from common import ROOT, Params, run
+from common import ROOT, Params, local_path, run
 
 from ahl.data.download import DataConfig, obtain
 from ahl.data.embedded import EmbeddedConfig
-from ahl.data.datasets import get_dataset, get_source
+from ahl.data.datasets import get_source, selected_dataset
 from ahl.io import read_json
 from ahl.runtime import show_progress
 
 SELECTION, LOCAL, RAW = "data/selection.json", "data/local.json", "data/raw"
 
 
-def _local(local: str | None) -> Path | None:
-    """data.local as a path; relative to the project root (where params.yaml is), like every other path."""
-    if local is None:
-        return None
-    path = Path(local).expanduser()
-    return path if path.is_absolute() else ROOT / path
-
-
 def main(params: Params) -> None:
     selected = read_json(ROOT / SELECTION)
-    dataset = get_dataset(selected["dataset"])
+    dataset = selected_dataset(selected)
     if dataset.build is not None:
         dataset.build(ROOT / RAW, params.section("embedded", EmbeddedConfig))
         return
@@ -33,7 +23,7 @@ def main(params: Params) -> None:
         ROOT / RAW,
         downloads=ROOT / data.downloads,
         mirror=data.mirror,
-        local=_local(data.local),
+        local=local_path(data.local),
         progress=show_progress(),
     )
 

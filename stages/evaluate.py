@@ -21,11 +21,13 @@ from ahl.pixel_metrics import load_masks, pixel_metrics
 from ahl.report_html import png_bytes, report_figures, report_html
 from ahl.runtime import resolve_device
 from ahl.scoring import score_features, score_images
+from ahl.threshold import load_thresholds, metrics_at_threshold
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL = "cache/features", "models/ahl.pt"
 METRICS, SCORES, PLOTS = "results/metrics.json", "results/scores.csv", "results/evaluation"
 REPORT = "results/report.html"
+THRESHOLDS = "models/thresholds.json"  # the deployment thresholds (stage calibrate), chosen without the test set
 FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py"  # what reruns a stale input
 
 
@@ -64,9 +66,14 @@ def main(params: Params) -> None:
         "n_anomalies": split.config["n_anomalies"],
         "seen_classes": split.seen_classes,
     }
+    thresholds = load_thresholds(
+        ROOT / THRESHOLDS, "python stages/calibrate.py", split=ROOT / SPLIT, base=ROOT / BASE, ahl=ROOT / AHL
+    )
     for key, s in scores.items():
         metrics[key] = {"model": names[key], **compute_metrics(labels, s, classes, seen)}
         metrics[key].update(pixel_metrics(heat[key], masks) if masks is not None else {})
+        if thresholds.get(key):  # null: no validation slice (protocol.validation_fraction = 0)
+            metrics[key]["at_threshold"] = metrics_at_threshold(labels, s, thresholds[key])
     table = pd.DataFrame({"file": [s.file for s in split.test], "label": labels, "class": classes, "seen": seen})
     for key, s in scores.items():
         table[f"score_{key}"] = s

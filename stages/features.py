@@ -39,6 +39,8 @@ def _cache(params: Params, config: CacheConfig, device, group) -> None:
         "train_anomaly": part(split.train_anomalies),
         "test": part(split.test),
     }
+    if split.validation:  # held out of training; cached so that the calibrate stage scores it with AHL
+        splits["validation"] = part(split.validation)
     meta = {
         "classname": split.classname, "model": ckpt.meta["model"], "seen": [s.seen for s in split.test],
         "inputs": provenance.inputs(split=ROOT / SPLIT, base=ROOT / BASE),

@@ -3,15 +3,16 @@
 Every section is checked against its dataclass here, at the start of the pipeline, so a typo or a bad value in
 any section stops `dvc repro` before anything is downloaded or trained. Downstream, download and convert depend
 on data/selection.json rather than on `classname`, so switching to another subset of the same dataset leaves
-them untouched (DVC sees an identical file).
+them untouched (DVC sees an identical file). Your own data (`data.local` holding a folder named `classname`) is
+checked here too (layout, anomalies, enough for M), so a mistake in it stops the pipeline before anything runs.
 """
 
-from common import ROOT, SECTIONS, Params, run
+from common import ROOT, SECTIONS, Params, local_path, run
 
 from ahl.data.download import DataConfig
 from ahl.data.embedded import EmbeddedConfig
 from ahl.data.protocol import ProtocolConfig
-from ahl.data.datasets import resolve
+from ahl.data.datasets import select
 from ahl.distributed import DistributedConfig
 from ahl.features import CacheConfig
 from ahl.io import write_json
@@ -19,13 +20,14 @@ from ahl.metrics import EvaluateConfig
 from ahl.model import BackboneConfig
 from ahl.runtime import resolve_device
 from ahl.train import BaseConfig
+from ahl.threshold import ThresholdConfig
 from ahl.trainer import AHLConfig
 
 OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
     "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
-    "distributed": DistributedConfig,
+    "threshold": ThresholdConfig, "distributed": DistributedConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 
@@ -39,8 +41,8 @@ def check(params: Params) -> None:
 
 def main(params: Params) -> None:
     check(params)
-    selection = resolve(params.classname)
-    write_json(ROOT / OUT, {"dataset": selection.dataset, "source": selection.source})
+    data, protocol = params.section("data", DataConfig), params.section("protocol", ProtocolConfig)
+    write_json(ROOT / OUT, select(params.classname, local_path(data.local), protocol))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ from common import ROOT, Params, run
 
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
-from ahl.data.datasets import resolve
 from ahl.io import write_json
 
 DATA, OUT = "data/mvtec", "data/split.json"
 
 
 def main(params: Params) -> None:
-    classname = resolve(params.classname).classname
+    classname = params.classname  # the selection stage checked it: registered, or your own folder
     config = params.section("protocol", ProtocolConfig)
     split = make_split(read_subset(ROOT / DATA, classname), config, seed=params.seed, classname=classname)
     write_json(ROOT / OUT, split.to_dict())

@@ -89,6 +89,11 @@ class Repo:
         return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
 
 
+def scores_of(repo: Repo) -> list[str]:
+    """The rows of results/scores.csv (one per test image)."""
+    return (repo.path / "results/scores.csv").read_text().splitlines()[1:]
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Repo:
     return Repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
@@ -97,12 +102,22 @@ def repo(tmp_path_factory) -> Repo:
 def test_repro_runs_every_stage_then_nothing(repo):
     first = repo.dvc("repro")
     assert repo.ran(first.stdout) == {
-        "local_manifest", "selection", "download", "convert", "split", "train_base", "features", "train_ahl", "evaluate"
-    }
+        "local_manifest", "selection", "download", "convert", "split", "train_base", "features", "train_ahl",
+        "calibrate", "evaluate",
+    }  # fmt: skip
     metrics = json.loads((repo.path / "results/metrics.json").read_text())
     assert metrics["classname"] == "brick" and metrics["base"]["model"] == "dra"
     assert 0.0 <= metrics["base"]["auc_roc"] <= 1.0 and "auc_pr" in metrics["base"]
     assert metrics["ahl"]["model"] == "AHL(dra)" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
+    thresholds = json.loads((repo.path / "models/thresholds.json").read_text())
+    for key in ("base", "ahl"):  # chosen on the validation slice (1 of the 12 train normals), reported on test
+        entry, at = thresholds[key], metrics[key]["at_threshold"]
+        assert entry["rule"] == "fpr" and entry["target_fpr"] == 0.01 and entry["decision"] == "score > threshold"
+        assert entry["validation"]["normal"] == 1 and entry["validation"]["fpr"] == 0.0
+        assert at["value"] == entry["threshold"] and at["tp"] + at["fp"] + at["tn"] + at["fn"] == len(scores_of(repo))
+        assert {"precision", "recall", "f1", "fpr"} <= set(at) and 0.0 <= at["fpr"] <= 1.0
+    split = json.loads((repo.path / "data/split.json").read_text())
+    assert len(split["validation"]) == 1 and split["validation"][0]["file"] not in {s["file"] for s in split["train"]}
     epochs = (repo.path / "results/ahl_training/plots/metrics/test_auc_roc.tsv").read_text().splitlines()
     assert epochs[0] == "step\ttest_auc_roc" and [line.split("\t")[0] for line in epochs[1:]] == ["0", "1"]
     assert set(metrics["base"]["per_class_auc_roc"]) <= {"scratch", "hole", "stain", "foreign", "crack"}
@@ -190,7 +205,7 @@ def test_evaluation_param_reruns_only_evaluation(repo):
 
 def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
     res = repo.dvc("exp", "run", "-S", "ahl.weighting=uniform", "-S", "evaluate.batch_size=32")
-    assert repo.ran(res.stdout) == {"local_manifest", "selection", "train_ahl", "evaluate"}
+    assert repo.ran(res.stdout) == {"local_manifest", "selection", "train_ahl", "calibrate", "evaluate"}
 
 
 def test_a_typo_in_params_stops_the_pipeline_at_its_first_stage(repo, tmp_path):

@@ -7,7 +7,11 @@ Importing this module registers them; it re-exports the registry's look-up funct
 
 from __future__ import annotations
 
-from ahl.data import converters, embedded
+import logging
+from pathlib import Path
+
+from ahl.data import converters, embedded, own
+from ahl.data.protocol import ProtocolConfig
 from ahl.data.registry import (
     DATASETS,
     Dataset,
@@ -19,9 +23,14 @@ from ahl.data.registry import (
     register,
     resolve,
 )
+from ahl.errors import UserError
 
 # The registry's look-up functions, re-exported: importing them from here guarantees the built-in entries exist.
-__all__ = ["DATASETS", "Dataset", "Selection", "Source", "get_dataset", "get_source", "known_classnames", "resolve"]
+__all__ = [
+    "DATASETS", "Dataset", "Selection", "Source", "get_dataset", "get_source", "known_classnames", "resolve", "select",
+    "selected_dataset",
+]  # fmt: skip
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- embedded demo
 # Built offline in seconds from scikit-image's texture photographs, already in MVTec layout.
@@ -331,3 +340,45 @@ register(
         },
     )
 )
+
+
+# ------------------------------------------------------------------------------------------ your own data (local)
+def select(classname: str, local: Path | None, protocol: ProtocolConfig) -> dict:
+    """What data/selection.json records: a registered subset, or your own dataset ``local/classname``.
+
+    A registered classname wins unless ``local`` is a folder holding ``classname/``; an unregistered one needs
+    ``local``. Your own folder is checked here (layout, anomalies, enough for M), before anything runs.
+    """
+    registered = classname in known_classnames()
+    folder = local / classname if local is not None and (local / classname).is_dir() else None
+    if registered and folder is None:
+        selection = resolve(classname)
+        log.info("classname %r: the registered dataset %s", classname, get_dataset(selection.dataset).title)
+        return {"dataset": selection.dataset, "source": selection.source}
+    if local is None:
+        try:
+            resolve(classname)
+        except UserError as err:
+            raise UserError(f"{err} For your own data, also set `data.local` to the folder holding {classname}/ "
+                            f"(README, 'Your own data').") from None  # fmt: skip
+    if folder is None and local.is_dir():
+        raise UserError(
+            f"data.local = {local} holds no folder {classname}/: put your dataset there ({own.LAYOUT}; README, "
+            "'Your own data'), or set classname to the folder's name"
+        )
+    if folder is not None:
+        layout = own.inspect_folder(folder, local)
+        if protocol.known_class is None:  # the hard setting's counts are checked by the split stage
+            own.check_enough(layout, protocol.n_anomalies, protocol.test_set_m, local)
+    if registered:
+        log.warning("classname %r is also a registered subset; using your folder %s (data.local is set)", classname,
+                    folder)  # fmt: skip
+    log.info("classname %r: your own dataset in %s", classname, folder or local)
+    return {"dataset": own.OWN, "source": own.OWN, "classname": classname}
+
+
+def selected_dataset(selected: dict) -> Dataset:
+    """The dataset entry data/selection.json names: a registered one, or your own (``own.OWN``)."""
+    if selected["dataset"] == own.OWN:
+        return own.own_dataset(selected["classname"])
+    return get_dataset(selected["dataset"])

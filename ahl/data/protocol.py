@@ -4,6 +4,11 @@ General setting: all anomaly files sorted, shuffled with the seed; the first M a
 anomalies. The test set excludes the first ``max(M, test_set_m)`` files, so M = 1 is tested on the same test
 set as M = 10, as the DRA paper does. Hard setting: the M training anomalies come from ``known_class`` alone and
 the test set holds the normals and every *other* class.
+
+Validation: a fraction of the training normals is held out of training (neither the base model nor AHL sees it)
+to choose a deployment threshold; with them, the anomalies that are neither seen nor tested (files M .. max(M,
+test_set_m) of the shuffled pool; in the hard setting the known class's files after the first M), which the F1
+rule needs. No file is in two of train, validation and test.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class ProtocolConfig:
     test_set_m: int = 10  # the test set is the one of M = test_set_m (general setting)
     known_class: str | None = None  # None: general setting; a class name: hard setting
     contamination: float = 0.0  # fraction of unlabelled anomalies mixed into the normal training data
+    validation_fraction: float = 0.0  # fraction of the training normals held out to choose the threshold
 
     def __post_init__(self) -> None:
         if self.n_anomalies < 1:
@@ -30,6 +36,10 @@ class ProtocolConfig:
             raise UserError(f"params.yaml: protocol.test_set_m must be >= 0, got {self.test_set_m}")
         if not 0.0 <= self.contamination < 0.5:
             raise UserError(f"params.yaml: protocol.contamination must be in [0, 0.5), got {self.contamination}")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise UserError(
+                f"params.yaml: protocol.validation_fraction must be in [0, 0.5), got {self.validation_fraction}"
+            )
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Split:
     test: list[Sample] = field(default_factory=list)
     seen_classes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    validation: list[Sample] = field(default_factory=list)  # held-out normals (0) and spare anomalies (1)
 
     @property
     def train_normals(self) -> list[Sample]:
@@ -70,6 +81,7 @@ class Split:
             test=[Sample(**s) for s in d["test"]],
             seen_classes=list(d["seen_classes"]),
             config=dict(d.get("config", {})),
+            validation=[Sample(**s) for s in d.get("validation", [])],
         )
 
     def summary(self) -> dict:
@@ -81,6 +93,8 @@ class Split:
             "test_normal": sum(s.label == 0 for s in self.test),
             "test_anomaly_seen": sum(s.seen for s in test_anom),
             "test_anomaly_unseen": sum(not s.seen for s in test_anom),
+            "validation_normal": sum(s.label == 0 for s in self.validation),
+            "validation_anomaly": sum(s.label == 1 for s in self.validation),
         }
 
 
@@ -98,7 +112,7 @@ def make_split(subset: Subset, config: ProtocolConfig, seed: int, classname: str
                 f"more than {held_out} anomalies, but the subset has {len(pool)}; lower protocol.n_anomalies/"
                 "protocol.test_set_m or choose another classname"
             )
-        seen_files, test_anomalies = pool[:m], pool[held_out:]
+        seen_files, spare, test_anomalies = pool[:m], pool[m:held_out], pool[held_out:]
         setting = "general"
     else:
         if config.known_class not in subset.anomalies:
@@ -113,7 +127,7 @@ def make_split(subset: Subset, config: ProtocolConfig, seed: int, classname: str
                 f"protocol.n_anomalies={m} but class {config.known_class!r} of {classname!r} has only "
                 f"{len(candidates)} anomalies; lower protocol.n_anomalies"
             )
-        seen_files = candidates[:m]
+        seen_files, spare = candidates[:m], candidates[m:]
         others = sorted(f for c, files in subset.anomalies.items() if c != config.known_class for f in files)
         if not others:
             raise UserError(
@@ -124,8 +138,9 @@ def make_split(subset: Subset, config: ProtocolConfig, seed: int, classname: str
 
     cls_of = {f: c for c, files in subset.anomalies.items() for f in files}
     seen_classes = sorted({cls_of[f] for f in seen_files})
-    train = [Sample(f, 0, GOOD) for f in subset.train_good]
-    n_contaminated = int(round(config.contamination * len(subset.train_good)))
+    train_good, held = validation_normals(subset.train_good, config.validation_fraction, seed)
+    train = [Sample(f, 0, GOOD) for f in train_good]
+    n_contaminated = int(round(config.contamination * len(train_good)))
     if n_contaminated:
         if n_contaminated >= len(test_anomalies):
             raise UserError(
@@ -138,4 +153,15 @@ def make_split(subset: Subset, config: ProtocolConfig, seed: int, classname: str
     train += [Sample(f, 1, cls_of[f]) for f in seen_files]
     test = [Sample(f, 0, GOOD) for f in subset.test_good]
     test += [Sample(f, 1, cls_of[f], seen=cls_of[f] in seen_classes) for f in sorted(test_anomalies)]
-    return Split(classname, setting, train, test, seen_classes, {**asdict(config), "seed": seed})
+    validation = [Sample(f, 0, GOOD) for f in held] + [Sample(f, 1, cls_of[f]) for f in sorted(spare)]
+    return Split(classname, setting, train, test, seen_classes, {**asdict(config), "seed": seed}, validation)
+
+
+def validation_normals(files: tuple[str, ...], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training normals, validation normals): round(fraction * N) files (at least one when fraction > 0) drawn
+    with their own generator of ``seed``, so the anomaly draws do not depend on the fraction. Both sorted."""
+    n_val = max(1, int(round(fraction * len(files)))) if fraction > 0 else 0
+    if n_val >= len(files):
+        raise UserError(f"protocol.validation_fraction={fraction} leaves no training normals of {len(files)}; lower it")
+    held = set(np.random.default_rng([seed, 1]).choice(len(files), size=n_val, replace=False).tolist())
+    return [f for i, f in enumerate(files) if i not in held], [files[i] for i in sorted(held)]

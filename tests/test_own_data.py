@@ -1,0 +1,132 @@
+"""Your own dataset (data.local holding NAME/): both layouts convert; each mistake is one line naming the folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ahl.data import own
+from ahl.data.datasets import select, selected_dataset
+from ahl.data.mvtec import read_subset
+from ahl.data.protocol import ProtocolConfig
+from ahl.errors import UserError
+
+M2 = ProtocolConfig(n_anomalies=2, test_set_m=2)
+
+
+def make_own(small: Path, local: Path, name: str = "mine", layout: str = "mvtec") -> Path:
+    """``local/name`` from the embedded demo's brick subset, in MVTec layout or in the folder layout."""
+    target = local / name
+    if layout == "mvtec":
+        shutil.copytree(small / "brick", target)
+        return local
+    (target / "good").mkdir(parents=True)
+    for split in ("train", "test"):
+        for f in sorted((small / "brick" / split / "good").iterdir()):
+            shutil.copy(f, target / "good" / f"{split}_{f.name}")
+    for defect in sorted((small / "brick" / "test").iterdir()):
+        if defect.name != "good":
+            shutil.copytree(defect, target / defect.name)
+    shutil.copytree(small / "brick" / "ground_truth", target / "ground_truth")
+    return local
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_both_layouts_select_and_convert_to_the_mvtec_layout(small_dataset, tmp_path, layout):
+    local = make_own(small_dataset, tmp_path / "mydata", layout=layout)
+    selected = select("mine", local, M2)
+    assert selected == {"dataset": "local", "source": "local", "classname": "mine"}
+    selected_dataset(selected).convert(local, tmp_path / "out", seed=42)
+    subset = read_subset(tmp_path / "out", "mine")
+    assert subset.anomaly_classes == ["crack", "foreign", "hole", "scratch", "stain"]
+    assert sum(len(v) for v in subset.anomalies.values()) == 25
+    assert len(subset.train_good) + len(subset.test_good) == 18
+    if layout == "folder":  # 3:1 by data.split_seed, reproducibly
+        assert (len(subset.train_good), len(subset.test_good)) == (13, 5)
+        selected_dataset(selected).convert(local, tmp_path / "again", seed=42)
+        assert read_subset(tmp_path / "again", "mine").train_good == subset.train_good
+    masks = sorted((tmp_path / "out" / "mine" / "ground_truth" / "crack").iterdir())
+    assert len(masks) == 5 and masks[0].name.endswith("_mask.png")
+
+
+def test_mixed_sizes_and_modes_are_converted_with_a_warning(small_dataset, tmp_path, caplog):
+    local = make_own(small_dataset, tmp_path / "mydata")
+    odd = sorted((local / "mine" / "train" / "good").iterdir())[0]
+    with Image.open(odd) as im:
+        im.convert("L").resize((80, 48)).save(odd)
+    with caplog.at_level(logging.WARNING):
+        selected_dataset(select("mine", local, M2)).convert(local, tmp_path / "out", seed=42)
+    assert "1 of 43 images are not 64x64" in caplog.text and "mixed modes" in caplog.text
+    with Image.open(tmp_path / "out" / "mine" / "train" / "good" / odd.name) as im:
+        assert (im.size, im.mode) == ((64, 64), "RGB")
+
+
+def _error(local: Path, name: str = "mine", protocol: ProtocolConfig = M2) -> str:
+    with pytest.raises(UserError) as err:
+        select(name, local, protocol)
+    message = str(err.value)
+    assert "\n" not in message and "data/raw" not in message and "data/mvtec" not in message
+    return message
+
+
+def test_missing_train_good_names_the_folder(small_dataset, tmp_path):
+    local = make_own(small_dataset, tmp_path / "mydata")
+    shutil.rmtree(local / "mine" / "train" / "good")
+    assert f"no images in {local / 'mine' / 'train' / 'good'}; fix it in data.local" in _error(local)
+
+
+def test_no_anomalies(small_dataset, tmp_path):
+    local = make_own(small_dataset, tmp_path / "mydata", layout="folder")
+    for defect in ("crack", "foreign", "hole", "scratch", "stain"):
+        shutil.rmtree(local / "mine" / defect)
+    assert f"your dataset {local / 'mine'} has no anomalies: put each defect class's images in" in _error(local)
+
+
+def test_fewer_anomalies_than_m(small_dataset, tmp_path):
+    local = make_own(small_dataset, tmp_path / "mydata")
+    message = _error(local, protocol=ProtocolConfig(n_anomalies=30, test_set_m=10))
+    assert "holds 25 anomalies but protocol.n_anomalies=30" in message and "-S protocol.n_anomalies=N" in message
+
+
+def test_no_normal_folder_and_no_such_name(small_dataset, tmp_path):
+    local = make_own(small_dataset, tmp_path / "mydata", layout="folder")
+    (local / "mine" / "good").rename(local / "mine" / "ok")
+    assert "has no train/good/, good/ or normal/ folder: say which images are normal" in _error(local)
+    assert f"data.local = {local} holds no folder other/" in _error(local, "other")
+    assert "unknown classname 'other'" in _error(None, "other") and "data.local" in _error(None, "other")
+
+
+def test_a_registered_name_wins_unless_data_local_holds_it(small_dataset, tmp_path, caplog):
+    assert select("brick", None, M2) == {"dataset": "embedded", "source": "embedded"}
+    assert select("brick", tmp_path, M2) == {"dataset": "embedded", "source": "embedded"}  # no brick/ there
+    local = make_own(small_dataset, tmp_path / "mydata", name="brick")
+    with caplog.at_level(logging.WARNING):
+        assert select("brick", local, M2)["dataset"] == own.OWN
+    assert "'brick' is also a registered subset; using your folder" in caplog.text
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_your_own_folder_runs_through_the_whole_pipeline(small_dataset, tmp_path_factory, layout):
+    """`dvc exp run -S classname=mine -S data.local=...` on a new folder, no code change: every stage runs, and the
+    metrics, the split and the thresholds are those of `mine`."""
+    import json
+
+    from test_pipeline import Repo, tiny_params
+
+    local = make_own(small_dataset, tmp_path_factory.mktemp("mydata"), layout=layout)
+    repo = Repo(tmp_path_factory.mktemp("own"), tiny_params())
+    res = repo.dvc("exp", "run", "-S", "classname=mine", "-S", f"data.local={local}")
+    assert {"selection", "download", "convert", "split", "train_base", "calibrate", "evaluate"} <= repo.ran(res.stdout)
+    assert json.loads((repo.path / "data/selection.json").read_text())["dataset"] == own.OWN
+    metrics = json.loads((repo.path / "results/metrics.json").read_text())
+    assert metrics["classname"] == "mine" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
+    assert set(metrics["base"]["per_class_auc_roc"]) <= {"crack", "foreign", "hole", "scratch", "stain"}
+    assert "f1" in metrics["ahl"]["at_threshold"]
+    assert set(json.loads((repo.path / "models/thresholds.json").read_text())) == {"base", "ahl", "inputs"}
+    n_test_good = 6 if layout == "mvtec" else 5  # its own split, or 3:1 of the 18 normals by data.split_seed
+    assert metrics["base"]["n_test"]["normal"] == n_test_good
