@@ -209,7 +209,7 @@ def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[di
             "classname": a.classname, "seed": seed, "device": "cpu", "protocol.n_anomalies": a.n_anomalies,
             "backbone.name": a.backbone, "backbone.pretrained": a.pretrained, "backbone.image_size": a.image_size,
             "base.model": a.model, "base.epochs": a.epochs, "base.steps_per_epoch": a.steps,
-            "protocol.known_class": a.known_class, "base.batch_size": a.batch, "ahl.epochs": a.ahl_epochs, "ahl.steps_per_epoch": a.ahl_steps,
+            "protocol.known_class": a.known_class, "protocol.validation_fraction": 0, "base.batch_size": a.batch, "ahl.epochs": a.ahl_epochs, "ahl.steps_per_epoch": a.ahl_steps,
             "ahl.batch_size": a.batch, **overrides(a.overrides),
         })  # fmt: skip
         with open(work / "ours.log", "w") as log:
