@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the work folders under OUT/work (feature caches, logs)")
     a = p.parse_args(argv)
+    # A stopped harness stops its stage: subprocess.run kills the child when SystemExit interrupts its wait (an
+    # orphaned train_base once overwrote models/base.pt of the next run in the same folder).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     a.label = f"{a.classname}-hard-{a.known_class}" if a.known_class else a.classname
     a.tag = f" [{', '.join(a.overrides)}]" if a.overrides else ""
     try:
