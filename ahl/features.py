@@ -19,6 +19,7 @@ from ahl.backbones import to_input
 from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
 from ahl.io import atomic_dir, read_json, write_json
+from ahl.runtime import Runtime, plain
 
 INDEX = "index.json"
 FAMILIES = ("draem", "cutpaste", "cutmix")  # AHL's pseudo-anomaly families
@@ -160,13 +161,16 @@ class CacheConfig:
             raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
 
 
-def _extract(model, images_of, n: int, out: Path, name: str, config: CacheConfig, device, progress: bool) -> None:
+def _extract(
+    model, images_of, n: int, out: Path, name: str, config: CacheConfig, runtime: Runtime, progress: bool
+) -> None:
     """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``."""
     arrays = None
     bar = tqdm(total=n, desc=f"features {name}", disable=not progress)
     for start in range(0, n, config.batch_size):
         batch = np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
-        feats = model.features(to_input(batch, device))
+        with runtime.autocast():
+            feats = [f.float() for f in model.features(runtime.input(to_input(batch, runtime.device)))]
         if arrays is None:
             arrays = [
                 np.lib.format.open_memmap(out / f"{name}.s{s}.npy", mode="w+", dtype=config.dtype, shape=(n, *f.shape[1:]))
@@ -191,14 +195,17 @@ def write_cache(
     device,
     progress: bool = False,
     meta: dict | None = None,
+    runtime: Runtime | None = None,
 ) -> None:
     """Extract features of every split and of the pseudo anomalies of ``splits["train_normal"]`` into ``out``.
 
     The model runs in eval mode under no_grad with the normalisation inside its backbone, exactly as when
     scoring. Pseudo anomalies are made with one seeded generator per family, so each family is reproducible
-    on its own.
+    on its own. ``runtime`` (None: float32, eager) prepares the backbone in place (channels_last, compile).
     """
+    runtime = runtime or plain(device)
     model.eval()
+    runtime.prepare(model.backbone)
     normals = splits["train_normal"][0]
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
@@ -206,7 +213,7 @@ def write_cache(
     with atomic_dir(out) as tmp, torch.no_grad():
 
         def extract(name: str, images_of, labels, classes, files) -> None:
-            _extract(model, images_of, len(labels), tmp, name, config, device, progress)
+            _extract(model, images_of, len(labels), tmp, name, config, runtime, progress)
             index["splits"][name] = {"labels": [int(v) for v in labels], "classes": list(classes), "files": list(files)}
 
         for name, (images, labels, classes, files) in splits.items():

@@ -22,6 +22,7 @@ from ahl.config import at_least, one_of, positive
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
+from ahl.runtime import Runtime, plain, seeded
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +127,32 @@ def train_step(
 
 
 @torch.no_grad()
-def reference_features(model: AnomalyModel, images: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    """Mean eval-mode feature of the reference normals at every scale: per scale (C, H_s, W_s)."""
+def reference_features(
+    model: AnomalyModel, images: np.ndarray, device: torch.device, runtime: Runtime | None = None
+) -> list[torch.Tensor]:
+    """Mean eval-mode feature of the reference normals at every scale: per scale (C, H_s, W_s), float32."""
+    runtime = runtime or plain(device)
     model.eval()
-    return [f.mean(dim=0) for f in model.features(to_input(images, device))]
+    with runtime.autocast():
+        feats = model.features(runtime.input(to_input(images, device)))
+    return [f.float().mean(dim=0).contiguous() for f in feats]
 
 
-def _epoch(model, sampler, optimizer, config: BaseConfig, device, desc: str, progress: bool) -> float:
+def _epoch(model, sampler, optimizer, config: BaseConfig, runtime: Runtime, desc: str, progress: bool) -> float:
     """One epoch of steps_per_epoch clipped Adam steps; returns the mean loss."""
     model.train()
     losses = []
+    device = runtime.device
     bar = tqdm(range(config.steps_per_epoch), desc=desc, disable=not progress)
     for _ in bar:
         images, labels, ref = sampler()
-        loss = train_step(
-            model,
-            to_input(images, device),
-            torch.from_numpy(labels).to(device),
-            None if ref is None else to_input(ref, device),
-        )
+        with runtime.autocast():  # the forward pass only; backward runs in the dtypes autocast chose
+            loss = train_step(
+                model,
+                runtime.input(to_input(images, device)),
+                torch.from_numpy(labels).to(device),
+                None if ref is None else runtime.input(to_input(ref, device)),
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -164,12 +172,17 @@ def train_base(
     seed: int,
     device: torch.device,
     progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> Checkpoint:
-    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each)."""
+    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each). ``runtime``: autocast,
+    channels_last and compile on ``device`` (None: float32, contiguous, eager)."""
+    runtime = runtime or plain(device)
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):  # head initialisation from the seed, without touching global state
-        torch.manual_seed(seed)
+    with seeded(seed):  # head initialisation from the seed, without touching global state
         model = build_model(config.model, backbone, topk=config.topk, margin=config.margin).to(device)
+    runtime.prepare(model.backbone)
+    if runtime.channels_last:
+        model.heads.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     sampler = BatchSampler(normals, anomalies, config, rng)
@@ -179,7 +192,7 @@ def train_base(
         if step_at_start:  # official DRA steps StepLR before each epoch: the rate drops one epoch earlier
             scheduler.step()
         start = time.perf_counter()
-        loss = _epoch(model, sampler, optimizer, config, device, f"epoch {epoch + 1}/{config.epochs}", progress)
+        loss = _epoch(model, sampler, optimizer, config, runtime, f"epoch {epoch + 1}/{config.epochs}", progress)
         if not step_at_start:
             scheduler.step()
         # Wall times go to the log only: the checkpoint must be byte-identical for the same params and seed,
@@ -189,7 +202,8 @@ def train_base(
 
     # A fixed reference set for scoring: n_ref normals chosen with the seed, features in eval mode.
     ref_idx = np.sort(rng.choice(len(normals), size=min(config.n_ref, len(normals)), replace=False))
-    reference = reference_features(model, normals[ref_idx], device)
+    reference = reference_features(model, normals[ref_idx], device, runtime)
+    model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain contiguous tensors
     meta = {
         "model": config.model,
         "backbone": asdict(backbone),

@@ -26,6 +26,7 @@ from ahl.hadg import BatchIndex, HADGConfig, Task, cluster_normals, draw_batch, 
 from ahl.hadg import cluster_features
 from ahl.heads import HeadsEnsemble, ScoringHeads
 from ahl.model import build_heads
+from ahl.runtime import Runtime, plain, seeded
 from ahl.scoring import final_scores
 from ahl.store import FeatureStore
 
@@ -129,8 +130,7 @@ def initial_heads(base_heads: ScoringHeads, model: str, official_geometry: bool,
 
 def _reinitialise(heads: ScoringHeads, seed: int) -> None:
     """Fresh default initialisation of every layer, from ``seed`` and without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for module in heads.modules():
             if module is not heads and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -139,8 +139,13 @@ def _reinitialise(heads: ScoringHeads, seed: int) -> None:
 class AHLTrainer:
     """State of one AHL run; ``epoch()`` does one epoch. See train_ahl for what an epoch is."""
 
-    def __init__(self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device):
+    def __init__(
+        self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device,
+        runtime: Runtime | None = None,
+    ):  # fmt: skip
         self.config, self.device, self.cache = config, torch.device(device), cache
+        # heads always channels_last (see FeatureStore); not compiled: torch.compile has no double backward
+        self.autocast = (runtime or plain(self.device)).autocast
         self.rng = np.random.default_rng(seed)
         self.variants = family_variants(list(cache.pseudo))
         self.families = sorted(self.variants)
@@ -266,11 +271,12 @@ class AHLTrainer:
                 heads, theta, buffers,
                 (self.store.batch(b, split_of) for _ in range(c.update_step) for b in batches),
                 (self.store.batch(b, split_of) for b in queries), len(queries), self.reference,
-                weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order,
+                weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order, autocast=self.autocast,
             )  # fmt: skip
             support_losses[i] = float(torch.stack(losses[-n_batches:]).mean())  # the last round
             if last:
-                pool_scores[:, i] = final_scores(heads, phi, buffers, self._pool_chunks(), self.reference)
+                chunks = self._pool_chunks()
+                pool_scores[:, i] = final_scores(heads, phi, buffers, chunks, self.reference, self.autocast)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(heads.parameters(), c.grad_clip))
         self.optimizers[0].step()
         return pool_scores, grad_norm
@@ -288,7 +294,8 @@ class AHLTrainer:
             for b in batches:
                 features, labels = self.store.batch(b, split_of)
                 optimizer.zero_grad(set_to_none=True)
-                loss = model.loss(model(features, self.reference), labels)
+                with self.autocast():
+                    loss = model.loss(model(features, self.reference), labels)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 optimizer.step()
@@ -312,6 +319,7 @@ def train_ahl(
     device: torch.device | str,
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
+    runtime: Runtime | None = None,
 ) -> AHLResult:
     """Train AHL on a feature cache, starting from ``heads`` (the base model's; left unchanged).
 
@@ -319,8 +327,9 @@ def train_ahl(
     update_step x steps_per_epoch inner steps (update_step rounds over steps_per_epoch support batches), its
     query loss back-propagated (weighted by w_i) into theta_g; then one clipped Adam step on theta_g, StepLR,
     and psi's update of the weights. The returned model is the last epoch's (no selection on the test set).
+    ``runtime`` (None: float32) sets the autocast dtype of the heads' forward passes.
     """
-    trainer = AHLTrainer(cache, heads, config, seed, device)
+    trainer = AHLTrainer(cache, heads, config, seed, device, runtime)
     history = []
     bar = tqdm(range(config.epochs), desc="AHL", disable=not progress, unit="epoch")
     for _ in bar:

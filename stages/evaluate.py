@@ -15,7 +15,6 @@ from ahl.features import INDEX, load_cache
 from ahl.io import atomic_path, read_json
 from ahl.metrics import EvaluateConfig, compute_metrics
 from ahl.model import load_checkpoint, load_heads
-from ahl.runtime import resolve_device
 from ahl.scoring import score_features, score_images
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
@@ -44,19 +43,20 @@ def curves_figure(labels: np.ndarray, scores: dict[str, np.ndarray], title: str)
 
 def score_test_set(params: Params, split: Split, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Test-set scores of the base model (from images) and of AHL (from the cached features), and their names."""
-    device = resolve_device(params.device)
+    runtime = params.runtime()
+    device = runtime.device
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
     files = [s.file for s in split.test]
     images = load_images(ROOT / DATA / split.classname, files, ckpt.meta["backbone"]["image_size"])
-    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size)[0]}
+    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size, runtime)[0]}
     names = {"base": ckpt.meta["model"]}
     if (ROOT / AHL).is_file():
         cache = load_cache(ROOT / CACHE)
         provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
         heads, meta = load_heads(ROOT / AHL)
         provenance.check(AHL, meta.get("inputs"), TRAIN_AHL, base=ROOT / BASE, cache=ROOT / CACHE / INDEX)
-        scores["ahl"] = score_features(cache.test, heads.to(device), cache.reference, device, batch_size)
+        scores["ahl"] = score_features(cache.test, heads.to(device), cache.reference, device, batch_size, runtime)
         names["ahl"] = f"AHL({meta['model']})"
     return scores, names
 

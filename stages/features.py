@@ -8,14 +8,15 @@ from ahl.features import CacheConfig, write_cache
 from ahl.io import read_json
 from ahl.model import load_checkpoint
 from ahl import provenance
-from ahl.runtime import resolve_device, show_progress
+from ahl.runtime import show_progress
 
 DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
 
 
 def main(params: Params) -> None:
     config = params.section("features", CacheConfig)
-    device = resolve_device(params.device)
+    runtime = params.runtime()
+    device = runtime.device
     split = Split.from_dict(read_json(ROOT / SPLIT))
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
@@ -37,7 +38,7 @@ def main(params: Params) -> None:
     }  # fmt: skip
     write_cache(
         ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
-        seed=params.seed, device=device, progress=show_progress(), meta=meta,
+        seed=params.seed, device=device, progress=show_progress(), meta=meta, runtime=runtime,
     )  # fmt: skip
     n_images = sum(len(p[0]) for p in splits.values())
     print(f"cached features of {n_images} images + {len(config.families)} families in {OUT}")

@@ -16,7 +16,7 @@ from ahl.features import CacheConfig
 from ahl.io import write_json
 from ahl.metrics import EvaluateConfig
 from ahl.model import BackboneConfig
-from ahl.runtime import resolve_device
+from ahl.runtime import RuntimeConfig, resolve_device
 from ahl.train import BaseConfig
 from ahl.trainer import AHLConfig
 
@@ -24,6 +24,7 @@ OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
     "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
+    "runtime": RuntimeConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 

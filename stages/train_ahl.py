@@ -14,7 +14,7 @@ from ahl import provenance
 from ahl.features import INDEX, load_cache
 from ahl.metrics import auc_roc_pr
 from ahl.model import load_checkpoint, save_heads
-from ahl.runtime import resolve_device, show_progress
+from ahl.runtime import show_progress
 from ahl.scoring import score_features
 from ahl.trainer import AHLConfig, initial_heads, train_ahl
 
@@ -23,7 +23,8 @@ CACHE, BASE, OUT, LOG = "cache/features", "models/base.pt", "models/ahl.pt", "re
 
 def main(params: Params) -> None:
     config = params.section("ahl", AHLConfig)
-    device = resolve_device(params.device)
+    runtime = params.runtime()
+    device = runtime.device
     cache = load_cache(ROOT / CACHE)
     base = load_checkpoint(ROOT / BASE, "cpu")
     provenance.check(CACHE, cache.meta.get("inputs"), "python stages/features.py", base=ROOT / BASE)
@@ -37,7 +38,7 @@ def main(params: Params) -> None:
     with live(ROOT / LOG) as logger:
 
         def on_epoch(epoch: int, scored) -> dict:
-            scores = score_features(cache.test, scored, cache.reference, device, config.eval_batch_size)
+            scores = score_features(cache.test, scored, cache.reference, device, config.eval_batch_size, runtime)
             auc = auc_roc_pr(cache.test.labels, scores) if np.isfinite(scores).all() else None  # diverged: none
             entry = {"test_auc_roc": auc and auc["auc_roc"], "test_auc_pr": auc and auc["auc_pr"]}
             for name, value in entry.items():
@@ -47,8 +48,9 @@ def main(params: Params) -> None:
             return entry
 
         result = train_ahl(
-            cache, heads, config, seed=params.seed, device=device, progress=show_progress(), on_epoch=on_epoch
-        )
+            cache, heads, config, seed=params.seed, device=device, progress=show_progress(), on_epoch=on_epoch,
+            runtime=runtime,
+        )  # fmt: skip
         meta = {
             "model": model,
             "in_channels": int(cache.test.scales[0].shape[1]),
