@@ -19,7 +19,7 @@ pytestmark = pytest.mark.pipeline
 class Clone(Repo):
     """A git clone of ``origin`` with its own DVC site cache (what a teammate's checkout is)."""
 
-    def __init__(self, path: Path, origin: Path, env: dict):  # noqa: D107 (no Repo.__init__: nothing is copied)
+    def __init__(self, path: Path, origin: Path, env: dict):  # not Repo.__init__: nothing is copied
         self.path, self.env = path, env
         subprocess.run(["git", "clone", "-q", str(origin), str(path)], env=env, check=True)
         self.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
