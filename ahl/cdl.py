@@ -7,7 +7,9 @@ weighted query loss of phi_i flows back through the inner steps into theta_g's `
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -15,6 +17,7 @@ from ahl.heads import ScoringHeads
 from ahl.scoring import Params, forward
 
 Batch = tuple[list[torch.Tensor], torch.Tensor]  # (features per scale (B, C, H_s, W_s), labels (B,))
+Autocast = Callable[[], AbstractContextManager]  # ahl.runtime.Runtime.autocast: forward passes in bfloat16, or a no-op
 
 
 def adapt(
@@ -25,6 +28,7 @@ def adapt(
     reference: list[torch.Tensor] | None,
     inner_lr: float,
     second_order: bool,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> tuple[Params, list[torch.Tensor]]:
     """phi_i: gradient steps from theta on the support batches; returns phi and the support losses (detached).
 
@@ -33,13 +37,14 @@ def adapt(
     so phi_k = phi_1 - inner_lr * sum(g) and no graph of their forward/backward passes is kept.
     BatchNorm (DRA's composite head) runs in train mode on batch statistics; its running statistics are the
     shared buffers of theta_g, updated in place by every inner and query pass (as in ordinary training), and
-    used in eval mode when scoring.
+    used in eval mode when scoring. ``autocast`` wraps the forward passes only (the gradients run outside it).
     """
     phi = dict(theta)
     names = list(phi)
     losses = []
     for k, (features, labels) in enumerate(support):
-        loss = heads.loss(forward(heads, phi, buffers, features, reference), labels)
+        with autocast():
+            loss = heads.loss(forward(heads, phi, buffers, features, reference), labels)
         create_graph = second_order and k == 0
         grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=create_graph, allow_unused=True)
         phi = {n: phi[n] if g is None else phi[n] - inner_lr * g for n, g in zip(names, grads)}
@@ -47,9 +52,13 @@ def adapt(
     return phi, losses
 
 
-def query_loss(heads: ScoringHeads, phi: Params, buffers: Params, features, labels, reference) -> torch.Tensor:
+def query_loss(
+    heads: ScoringHeads, phi: Params, buffers: Params, features, labels, reference,
+    autocast: Autocast = contextlib.nullcontext,
+) -> torch.Tensor:  # fmt: skip
     """L_query(phi_i): the heads' deviation loss of the adapted model on a query batch."""
-    return heads.loss(forward(heads, phi, buffers, features, reference), labels)
+    with autocast():
+        return heads.loss(forward(heads, phi, buffers, features, reference), labels)
 
 
 def task_meta_gradient(
@@ -64,14 +73,15 @@ def task_meta_gradient(
     weight: float,
     inner_lr: float,
     second_order: bool,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> tuple[Params, list[torch.Tensor], float]:
     """Adapt theta to a task, then add ``weight`` * L_query(phi) (the mean over the ``n_queries`` query batches)
     to theta's ``.grad``. Returns (phi detached, the support losses, L_query). Only this task's graph is alive
     while it runs; it is freed when the function returns."""
-    phi, support_losses = adapt(heads, theta, buffers, support, reference, inner_lr, second_order)
+    phi, support_losses = adapt(heads, theta, buffers, support, reference, inner_lr, second_order, autocast)
     total = 0.0
     for q, (features, labels) in enumerate(queries):
-        loss = query_loss(heads, phi, buffers, features, labels, reference) / n_queries
+        loss = query_loss(heads, phi, buffers, features, labels, reference, autocast) / n_queries
         # retain the inner graph (shared by the task's query batches) until its last query batch
         (weight * loss).backward(retain_graph=q < n_queries - 1)
         total += float(loss.detach())

@@ -14,6 +14,7 @@ from torch import nn
 
 from ahl.errors import UserError
 from ahl.hadg import Task
+from ahl.runtime import seeded
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,7 @@ class GeneralisationEstimation:
 
     def __init__(self, n_tasks: int, config: EstimatorConfig, seed: int, device: torch.device | str = "cpu"):
         self.n_tasks, self.config, self.device = n_tasks, config, torch.device(device)
-        with torch.random.fork_rng(devices=[]):  # psi's init must not touch (or depend on) the global RNG
-            torch.manual_seed(seed)
+        with seeded(seed):  # psi's init must not touch (or depend on) the global RNG
             self.psi = GeneralisationEstimator(n_tasks, config.history, config.dropout).to(self.device)
         self.seed = seed
         self.optimizer = torch.optim.Adam(self.psi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -176,8 +176,7 @@ class GeneralisationEstimation:
         inputs = torch.cat([history[:, t - k : t] for t in range(k, history.shape[1])])  # (P * W, K, T)
         targets = torch.cat([history[:, t] for t in range(k, history.shape[1])])  # (P * W, T)
         self.psi.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.seed * 1000 + len(self.scores))  # dropout masks from the seed and the epoch
+        with seeded(self.seed * 1000 + len(self.scores)):  # dropout masks (CPU or CUDA) from the seed and the epoch
             for _ in range(self.config.steps):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = torch.mean((self.psi(inputs) - targets) ** 2)

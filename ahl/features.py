@@ -21,6 +21,7 @@ from ahl.distributed import SINGLE, Group
 from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
 from ahl.io import atomic_dir, read_json, write_json
+from ahl.runtime import Runtime, plain
 
 INDEX = "index.json"
 FAMILIES = ("draem", "cutpaste", "cutmix")  # AHL's pseudo-anomaly families
@@ -170,7 +171,9 @@ def as_cached(features: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
     return [torch.from_numpy(f.cpu().numpy().astype(dtype).astype(np.float32)).to(f.device) for f in features]
 
 
-def _extract(model, images_of, n: int, out, name: str, config: CacheConfig, device, progress: bool, group) -> None:
+def _extract(
+    model, images_of, n: int, out, name: str, config: CacheConfig, runtime: Runtime, progress: bool, group
+) -> None:
     """Features of ``n`` images (``images_of(i)`` -> (S, S, 3) uint8) into ``out/<name>.s<scale>.npy``.
 
     Several ranks: batch k is rank k % world's (the same batches as one process, so the same features); rank 0
@@ -184,7 +187,9 @@ def _extract(model, images_of, n: int, out, name: str, config: CacheConfig, devi
         if group.rank < len(round_starts):
             start = round_starts[group.rank]
             batch = np.stack([images_of(i) for i in range(start, min(n, start + config.batch_size))])
-            feats = [f.cpu().numpy().astype(config.dtype) for f in model.features(to_input(batch, device))]
+            with runtime.autocast():
+                maps = model.features(runtime.input(to_input(batch, runtime.device)))
+            feats = [f.float().cpu().numpy().astype(config.dtype) for f in maps]
         parts = group.gather(feats)
         if out is None:
             continue
@@ -216,14 +221,18 @@ def write_cache(
     progress: bool = False,
     meta: dict | None = None,
     group: Group = SINGLE,
+    runtime: Runtime | None = None,
 ) -> None:
     """Extract features of every split and of the pseudo anomalies of ``splits["train_normal"]`` into ``out``.
 
     The model runs in eval mode under no_grad with the normalisation inside its backbone, exactly as when
     scoring. Pseudo anomalies are made with one seeded generator per family, so each family is reproducible
-    on its own. Under torchrun (``group``) the ranks share the batches and rank 0 alone writes.
+    on its own. Under torchrun (``group``) the ranks share the batches and rank 0 alone writes. ``runtime``
+    (None: float32, eager) prepares the backbone in place (channels_last, compile).
     """
+    runtime = runtime or plain(device)
     model.eval()
+    runtime.prepare(model.backbone)
     normals = splits["train_normal"][0]
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
@@ -231,7 +240,7 @@ def write_cache(
     with atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp, torch.no_grad():
 
         def extract(name: str, images_of, labels, classes, files) -> None:
-            _extract(model, images_of, len(labels), tmp, name, config, device, progress and group.is_main, group)
+            _extract(model, images_of, len(labels), tmp, name, config, runtime, progress and group.is_main, group)
             index["splits"][name] = {"labels": [int(v) for v in labels], "classes": list(classes), "files": list(files)}
 
         for name, (images, labels, classes, files) in splits.items():

@@ -27,6 +27,7 @@ from ahl.distributed import SINGLE, Group
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
+from ahl.runtime import Runtime, plain, seeded
 
 log = logging.getLogger(__name__)
 
@@ -143,48 +144,58 @@ class _Step(torch.nn.Module):
         return train_step(self.model, images, labels, reference_images, counts)
 
 
-def rank_backward(step, images: np.ndarray, labels: np.ndarray, ref, device, group: Group) -> float:
+def rank_backward(step, images: np.ndarray, labels: np.ndarray, ref, runtime: Runtime, group: Group) -> float:
     """Backward of this rank's rows of the global batch through ``step`` (DDP over _Step): each head's mean
     is taken over its samples in the global batch, so that DDP's mean over the ranks (times world) is the
     gradient of the global batch's loss; every rank forwards the reference images. Returns the global loss."""
     rows = group.rows(len(images))
     counts = step.module.model.heads.head_counts(torch.from_numpy(labels))
-    loss = step(
-        to_input(images[rows], device),
-        torch.from_numpy(labels[rows]).to(device),
-        None if ref is None else to_input(ref, device),
-        counts,
-    )
+    device = runtime.device
+    with runtime.autocast():
+        loss = step(
+            runtime.input(to_input(images[rows], device)),
+            torch.from_numpy(labels[rows]).to(device),
+            None if ref is None else runtime.input(to_input(ref, device)),
+            counts,
+        )
     (loss * group.world).backward()
     return float(group.sum_(loss.detach()))
 
 
 @torch.no_grad()
-def reference_features(model: AnomalyModel, images: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    """Mean eval-mode feature of the reference normals at every scale: per scale (C, H_s, W_s)."""
+def reference_features(
+    model: AnomalyModel, images: np.ndarray, device: torch.device, runtime: Runtime | None = None
+) -> list[torch.Tensor]:
+    """Mean eval-mode feature of the reference normals at every scale: per scale (C, H_s, W_s), float32."""
+    runtime = runtime or plain(device)
     model.eval()
-    return [f.mean(dim=0) for f in model.features(to_input(images, device))]
+    with runtime.autocast():
+        feats = model.features(runtime.input(to_input(images, device)))
+    return [f.float().mean(dim=0).contiguous() for f in feats]
 
 
-def _epoch(model, sampler, optimizer, config: BaseConfig, device, desc: str, progress: bool, group=SINGLE, ddp=None):
+def _epoch(
+    model, sampler, optimizer, config: BaseConfig, runtime: Runtime, desc: str, progress: bool, group=SINGLE, ddp=None
+) -> float:
     """One epoch of steps_per_epoch clipped Adam steps; returns the mean loss. Several ranks: ``ddp`` is
     DDP over _Step(model)."""
     model.train()
     losses = []
+    device = runtime.device
     bar = tqdm(range(config.steps_per_epoch), desc=desc, disable=not progress)
     for _ in bar:
         images, labels, ref = sampler()
+        optimizer.zero_grad(set_to_none=True)
         if group.world > 1:
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(rank_backward(ddp, images, labels, ref, device, group))
+            losses.append(rank_backward(ddp, images, labels, ref, runtime, group))
         else:
-            loss = train_step(
-                model,
-                to_input(images, device),
-                torch.from_numpy(labels).to(device),
-                None if ref is None else to_input(ref, device),
-            )
-            optimizer.zero_grad(set_to_none=True)
+            with runtime.autocast():  # the forward pass only; backward runs in the dtypes autocast chose
+                loss = train_step(
+                    model,
+                    runtime.input(to_input(images, device)),
+                    torch.from_numpy(labels).to(device),
+                    None if ref is None else runtime.input(to_input(ref, device)),
+                )
             loss.backward()
             losses.append(loss.item())
         if config.grad_clip > 0:
@@ -204,13 +215,18 @@ def train_base(
     device: torch.device,
     progress: bool = False,
     group: Group = SINGLE,
+    runtime: Runtime | None = None,
 ) -> Checkpoint:
-    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each); ``group``: this rank's
-    place under torchrun (every rank returns the same weights; rank 0 saves them)."""
+    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each). ``group``: this rank's
+    place under torchrun (every rank returns the same weights; rank 0 saves them). ``runtime``: autocast,
+    channels_last and compile on ``device`` (None: float32, contiguous, eager)."""
+    runtime = runtime or plain(device)
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):  # head initialisation from the seed, without touching global state
-        torch.manual_seed(seed)
+    with seeded(seed):  # head initialisation from the seed, without touching global state
         model = build_model(config.model, backbone, topk=config.topk, margin=config.margin).to(device)
+    runtime.prepare(model.backbone)
+    if runtime.channels_last:
+        model.heads.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     sampler = BatchSampler(normals, anomalies, config, rng)  # on every rank: the same global batches
@@ -226,7 +242,7 @@ def train_base(
                 scheduler.step()
         start = time.perf_counter()
         desc = f"epoch {epoch + 1}/{config.epochs}"
-        loss = _epoch(model, sampler, optimizer, config, device, desc, progress and group.is_main, group, ddp)
+        loss = _epoch(model, sampler, optimizer, config, runtime, desc, progress and group.is_main, group, ddp)
         if not step_at_start:
             scheduler.step()
         # Wall times go to the log only: the checkpoint must be byte-identical for the same params and seed,
@@ -236,7 +252,8 @@ def train_base(
 
     # A fixed reference set for scoring: n_ref normals chosen with the seed, features in eval mode.
     ref_idx = np.sort(rng.choice(len(normals), size=min(config.n_ref, len(normals)), replace=False))
-    reference = reference_features(model, normals[ref_idx], device)
+    reference = reference_features(model, normals[ref_idx], device, runtime)
+    model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain contiguous tensors
     meta = {
         "model": config.model,
         "backbone": asdict(backbone),

@@ -8,6 +8,7 @@ an ``on_epoch`` callback that may score whatever it likes (the pipeline logs the
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,8 @@ from ahl.features import FeatureCache
 from ahl.hadg import BatchIndex, HADGConfig, Task, cluster_normals, draw_batch, family_variants, make_tasks
 from ahl.hadg import cluster_features
 from ahl.heads import HeadsEnsemble, ScoringHeads
-from ahl.model import build_heads
+from ahl.model import reinitialise
+from ahl.runtime import Runtime, plain
 from ahl.scoring import final_scores
 from ahl.store import FeatureStore
 
@@ -111,37 +113,16 @@ class AHLResult:
 EpochCallback = Callable[[int, ScoringHeads], dict]
 
 
-def initial_heads(base_heads: ScoringHeads, model: str, official_geometry: bool, feature_sizes) -> ScoringHeads:
-    """The heads AHL starts from: the base model's, or, with ``official_geometry``, the official code's
-    composite geometry carrying the base model's weights (same shapes)."""
-    if not official_geometry:
-        return base_heads
-    if min(min(size) for size in feature_sizes) < 3:
-        raise UserError(
-            f"params.yaml: ahl.official_geometry (composite conv 3x3, stride 3, no padding) needs feature maps of "
-            f"at least 3x3, but the cached ones are {list(feature_sizes)}; raise backbone.image_size (papers: 448 "
-            f"-> 14x14 and 7x7)"
-        )
-    in_channels = base_heads.seen_head.conv.in_channels
-    heads = build_heads(model, in_channels, topk=base_heads.topk, margin=base_heads.margin, official_geometry=True)
-    heads.load_state_dict(base_heads.state_dict())
-    return heads
-
-
-def _reinitialise(heads: ScoringHeads, seed: int) -> None:
-    """Fresh default initialisation of every layer, from ``seed`` and without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in heads.modules():
-            if module is not heads and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-
-
 class AHLTrainer:
     """State of one AHL run; ``epoch()`` does one epoch. See train_ahl for what an epoch is."""
 
-    def __init__(self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device, group=SINGLE):
+    def __init__(
+        self, cache: FeatureCache, heads: ScoringHeads, config: AHLConfig, seed: int, device,
+        group=SINGLE, runtime: Runtime | None = None,
+    ):  # fmt: skip
         self.config, self.device, self.cache, self.group = config, torch.device(device), cache, group
+        # heads always channels_last (see FeatureStore); not compiled: torch.compile has no double backward
+        self.autocast = (runtime or plain(self.device)).autocast
         self.rng = np.random.default_rng(seed)
         self.variants = family_variants(list(cache.pseudo))
         self.families = sorted(self.variants)
@@ -172,7 +153,7 @@ class AHLTrainer:
         config = self.config
         heads = copy.deepcopy(heads).cpu()
         if config.init == "random":
-            _reinitialise(heads, seed)
+            reinitialise(heads, seed)
         self.heads = heads.to(self.device).to(memory_format=torch.channels_last).train()
         if config.cdl:
             self.models = [self.heads]
@@ -271,11 +252,12 @@ class AHLTrainer:
                 heads, theta, buffers,
                 (self.store.batch(b, split_of) for _ in range(c.update_step) for b in batches),
                 (self.store.batch(b, split_of) for b in queries), len(queries), self.reference,
-                weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order,
+                weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order, autocast=self.autocast,
             )  # fmt: skip
             support_losses[i] = float(torch.stack(losses[-n_batches:]).mean())  # the last round
             if last:
-                split.score(i, phi, pool_scores, final_scores, self._pool_chunks, self.reference)  # psi's inputs
+                score = functools.partial(final_scores, autocast=self.autocast)
+                split.score(i, phi, pool_scores, score, self._pool_chunks, self.reference)  # psi's inputs
         split.finish((query_losses, support_losses), pool_scores)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(heads.parameters(), c.grad_clip))
         self.optimizers[0].step()
@@ -296,7 +278,8 @@ class AHLTrainer:
             for b in batches:
                 features, labels = self.store.batch(b, split_of)
                 optimizer.zero_grad(set_to_none=True)
-                loss = model.loss(model(features, self.reference), labels)
+                with self.autocast():
+                    loss = model.loss(model(features, self.reference), labels)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 optimizer.step()
@@ -322,6 +305,7 @@ def train_ahl(
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
     group: Group = SINGLE,
+    runtime: Runtime | None = None,
 ) -> AHLResult:
     """Train AHL on a feature cache, starting from ``heads`` (the base model's; left unchanged).
 
@@ -329,8 +313,9 @@ def train_ahl(
     update_step x steps_per_epoch inner steps (update_step rounds over steps_per_epoch support batches), its
     query loss back-propagated (weighted by w_i) into theta_g; then one clipped Adam step on theta_g, StepLR,
     and psi's update of the weights. The returned model is the last epoch's (no selection on the test set).
+    ``runtime`` (None: float32) sets the autocast dtype of the heads' forward passes.
     """
-    trainer = AHLTrainer(cache, heads, config, seed, device, group)
+    trainer = AHLTrainer(cache, heads, config, seed, device, group, runtime)
     history = []
     bar = tqdm(range(config.epochs), desc="AHL", disable=not progress, unit="epoch")
     for _ in bar:

@@ -1,12 +1,13 @@
 """Speed and memory of AHL's training steps at the papers' shapes, against this machine's float32 matmul rate.
 
-    python benchmarks/bench_ahl.py [--full] [--device auto|cpu|cuda]
+    python benchmarks/bench_ahl.py [--full] [--device auto|cpu|cuda] [--bf16]
 
 DRA heads on [512, 14, 14] + [512, 7, 7] float16 features of a 300-normal class (10 seen anomalies, 3 pseudo
 families), 6 tasks x update_step 3 x 20 steps x batch 48. Times one inner step (first and second order), one
 task's outer step, and an epoch: by default a reduced epoch (one task, one round of inner steps) extrapolated
 to the full one; ``--full`` runs a real epoch of train_ahl. Efficiency = counted FLOPs (FlopCounterMode) of a
-step / its time / the dense float32 matmul rate measured in the same run.
+step / its time / the dense float32 matmul rate measured in the same run. ``--bf16``: the heads' forward passes
+under bfloat16 autocast (params.yaml runtime.autocast); on CUDA the peak GPU memory is printed too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ahl.features import FeatureCache, FeatureSet  # noqa: E402
 from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features  # noqa: E402
 from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
 from ahl.model import build_heads  # noqa: E402
-from ahl.runtime import resolve_device  # noqa: E402
+from ahl.runtime import Runtime, resolve_device  # noqa: E402
 from ahl.scoring import final_scores, score_features  # noqa: E402
 from ahl.store import FeatureStore  # noqa: E402
 from ahl.trainer import AHLConfig, train_ahl  # noqa: E402
@@ -43,8 +44,10 @@ def synthetic_cache(n_normal: int, n_seen: int, n_test: int, channels: int, size
     rng = np.random.default_rng(seed)
 
     def fs(n, label, cls):
-        scales = [(0.5 * rng.standard_gamma(1.0, size=(n, channels, s, s), dtype=np.float32)).astype(np.float16)
-                  for s in sizes]
+        scales = [
+            (0.5 * rng.standard_gamma(1.0, size=(n, channels, s, s), dtype=np.float32)).astype(np.float16)
+            for s in sizes
+        ]
         return FeatureSet(scales, np.full(n, label, np.int64), [cls] * n, [""] * n)
 
     normal = fs(n_normal, NORMAL, "good")
@@ -105,10 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--normals", type=int, default=300)
     parser.add_argument("--seen", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the heads' forward passes")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    runtime = Runtime(device, torch.bfloat16 if args.bf16 else None)
+    autocast = runtime.autocast
     torch.manual_seed(0)
 
     config = AHLConfig()  # the paper's defaults: 6 tasks x 3 rounds x 20 steps x batch 48
@@ -142,21 +148,23 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("gather one batch (float16 -> float32)", gather, None))
 
     def inner(second_order: bool):
-        return lambda: adapt(heads, theta, buffers, [batch], ref, config.inner_lr, second_order)
+        return lambda: adapt(heads, theta, buffers, [batch], ref, config.inner_lr, second_order, autocast)
 
     for order, label in ((False, "inner step, first order"), (True, "inner step, second order (create_graph)")):
         rows.append((label, timed(inner(order), device, args.repeats), flops(inner(order))))
 
     def forward_only():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             heads(batch[0], ref)
 
     rows.append(("forward only, batch 48", timed(forward_only, device, args.repeats), flops(forward_only)))
 
     def outer_one_task(n_inner: int):
         def run():
-            phi, _ = adapt(heads, theta, buffers, [batch] * n_inner, ref, config.inner_lr, config.second_order)
-            query_loss(heads, phi, buffers, *batch, ref).backward()
+            phi, _ = adapt(
+                heads, theta, buffers, [batch] * n_inner, ref, config.inner_lr, config.second_order, autocast
+            )
+            query_loss(heads, phi, buffers, *batch, ref, autocast).backward()
             heads.zero_grad(set_to_none=True)
 
         return run
@@ -168,10 +176,12 @@ def main(argv: list[str] | None = None) -> None:
 
     pool_n = len(np.concatenate(clusters)) + args.seen + 3 * config.pool_pseudo_per_family
     chunks = [[x[:1].expand(config.eval_batch_size, *x.shape[1:]).contiguous() for x in batch[0]]]
-    per_chunk = timed(lambda: final_scores(heads, theta, buffers, chunks, ref), device, args.repeats)
+    per_chunk = timed(lambda: final_scores(heads, theta, buffers, chunks, ref, autocast), device, args.repeats)
     pool_time = per_chunk * pool_n / config.eval_batch_size
     rows.append((f"score psi's pool ({pool_n} samples) with one phi_i", pool_time, None))
-    test_time = timed(lambda: score_features(cache.test, heads, cache.reference, device, config.eval_batch_size), device, 1)
+    test_time = timed(
+        lambda: score_features(cache.test, heads, cache.reference, device, config.eval_batch_size, runtime), device, 1
+    )
     rows.append((f"score the test set ({len(cache.test)} images)", test_time, None))
 
     t = len(tasks)
@@ -186,11 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.full:
         full = AHLConfig(epochs=1)
         start = time.perf_counter()
-        train_ahl(cache, heads.cpu(), full, seed=0, device=device)
+        train_ahl(cache, heads.cpu(), full, seed=0, device=device, runtime=runtime)
         rows.append(("epoch, measured (train_ahl, epochs=1)", time.perf_counter() - start, None))
 
     epoch_flops = t * (rows[2][2] + (n_inner - 1) * rows[1][2] + q_flops)
-    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, load {os.getloadavg()}")
+    precision = "bfloat16 autocast" if args.bf16 else "float32"
+    print(f"device {device} ({torch.get_num_threads()} threads, {precision}), torch {torch.__version__}, "
+          f"load {os.getloadavg()}")  # fmt: skip
     print(f"dense float32 matmul 2048x2048: {rate / 1e9:.1f} GFLOP/s")
     print(f"{'what':<66} {'time':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% mm':>6}")
     for what, sec, fl in rows:
@@ -201,9 +213,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         else:
             print(f"{what:<66} {sec * 1e3:>8.1f}ms")
-    print(f"epoch FLOPs (inner + query, counted): {epoch_flops / 1e12:.2f} TFLOP; at the matmul rate: "
-          f"{epoch_flops / rate:.1f} s; 30 epochs extrapolated: {30 * epoch_est / 60:.1f} min")
+    print(
+        f"epoch FLOPs (inner + query, counted): {epoch_flops / 1e12:.2f} TFLOP; at the matmul rate: "
+        f"{epoch_flops / rate:.1f} s; 30 epochs extrapolated: {30 * epoch_est / 60:.1f} min"
+    )
     print(f"peak RSS: {peak_rss_gb():.2f} GB (target <= 4 GB); efficiency target >= 50 % of matmul")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python stages/x.py` puts stages/ on the path, not the project root
     sys.path.insert(0, str(ROOT))
 
 from ahl.config import check_keys, from_params, load_yaml  # noqa: E402
 from ahl.errors import UserError  # noqa: E402
-from ahl.runtime import setup_logging  # noqa: E402
+from ahl.runtime import Runtime, RuntimeConfig, configure_determinism, resolve_device, setup_logging  # noqa: E402
 
 log = logging.getLogger("stage")
 T = TypeVar("T")
@@ -26,7 +28,10 @@ T = TypeVar("T")
 # The top level of params.yaml: three values and one section per part of the pipeline. The stage `selection`
 # (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
 VALUES = ("classname", "seed", "device")
-SECTIONS = ("data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "threshold", "distributed")
+SECTIONS = (
+    "data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "threshold", "distributed",
+    "runtime",
+)  # fmt: skip
 
 
 class Params:
@@ -60,6 +65,14 @@ class Params:
 
     def section(self, name: str, cls: type[T]) -> T:
         return from_params(cls, self.raw[name], name)
+
+    def runtime(self, device: torch.device | None = None) -> Runtime:
+        """The device (``device``, e.g. this rank's under torchrun, else params.yaml's) and its runtime section
+        (autocast, channels_last, compile), with the process-wide determinism switches applied; a stage that
+        computes on the device calls this once."""
+        config = self.section("runtime", RuntimeConfig)
+        configure_determinism(config)
+        return Runtime.resolve(device if device is not None else resolve_device(self.device), config)
 
 
 def local_path(local: str | None) -> Path | None:

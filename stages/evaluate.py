@@ -19,7 +19,6 @@ from ahl.metrics import EvaluateConfig, compute_metrics
 from ahl.model import load_checkpoint, load_heads
 from ahl.pixel_metrics import load_masks, pixel_metrics
 from ahl.report_html import png_bytes, report_figures, report_html
-from ahl.runtime import resolve_device
 from ahl.scoring import score_features, score_images
 from ahl.threshold import load_thresholds, metrics_at_threshold
 
@@ -34,12 +33,13 @@ FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py" 
 def score_test_set(params: Params, split: Split, batch_size: int):
     """Test-set scores of the base model (from images) and of AHL (from the cached features), their names, their
     heatmaps (ahl/localize.py, as `ahl predict` draws them) and the test images."""
-    device = resolve_device(params.device)
+    runtime = params.runtime()
+    device = runtime.device
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
     files = [s.file for s in split.test]
     images = load_images(ROOT / DATA / split.classname, files, ckpt.meta["backbone"]["image_size"])
-    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size)[0]}
+    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size, runtime)[0]}
     names = {"base": ckpt.meta["model"]}
     heat = {"base": image_heatmaps(ckpt.model, images, ckpt.reference, device, batch_size)}
     if (ROOT / AHL).is_file():
@@ -47,7 +47,7 @@ def score_test_set(params: Params, split: Split, batch_size: int):
         provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
         heads, meta = load_heads(ROOT / AHL)
         provenance.check(AHL, meta.get("inputs"), TRAIN_AHL, base=ROOT / BASE, cache=ROOT / CACHE / INDEX)
-        scores["ahl"] = score_features(cache.test, heads.to(device), cache.reference, device, batch_size)
+        scores["ahl"] = score_features(cache.test, heads.to(device), cache.reference, device, batch_size, runtime)
         names["ahl"] = f"AHL({meta['model']})"
         heat["ahl"] = feature_heatmaps(heads, cache.test.scales, cache.reference, images.shape[1], device, batch_size)
     return scores, names, heat, images

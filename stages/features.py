@@ -20,10 +20,11 @@ def main(params: Params) -> None:
     relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
     config = params.section("features", CacheConfig)
     with process_group(resolve_device(params.device)) as (group, device):
-        _cache(params, config, device, group)
+        _cache(params, config, params.runtime(device), group)
 
 
-def _cache(params: Params, config: CacheConfig, device, group) -> None:
+def _cache(params: Params, config: CacheConfig, runtime, group) -> None:
+    device = runtime.device
     split = Split.from_dict(read_json(ROOT / SPLIT))
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
@@ -48,6 +49,7 @@ def _cache(params: Params, config: CacheConfig, device, group) -> None:
     write_cache(
         ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
         seed=params.seed, device=device, progress=show_progress() and group.is_main, meta=meta, group=group,
+        runtime=runtime,
     )  # fmt: skip
     if not group.is_main:
         return

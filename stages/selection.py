@@ -18,7 +18,7 @@ from ahl.features import CacheConfig
 from ahl.io import write_json
 from ahl.metrics import EvaluateConfig
 from ahl.model import BackboneConfig
-from ahl.runtime import resolve_device
+from ahl.runtime import RuntimeConfig, resolve_device
 from ahl.train import BaseConfig
 from ahl.threshold import ThresholdConfig
 from ahl.trainer import AHLConfig
@@ -27,7 +27,7 @@ OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
     "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,
-    "threshold": ThresholdConfig, "distributed": DistributedConfig,
+    "threshold": ThresholdConfig, "distributed": DistributedConfig, "runtime": RuntimeConfig,
 }  # fmt: skip
 assert tuple(CONFIGS) == SECTIONS, "stages/common.py SECTIONS and the configs checked here must agree"
 

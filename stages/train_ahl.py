@@ -19,7 +19,8 @@ from ahl.metrics import auc_roc_pr
 from ahl.model import load_checkpoint, save_heads
 from ahl.runtime import resolve_device, show_progress
 from ahl.scoring import score_features
-from ahl.trainer import AHLConfig, initial_heads, train_ahl
+from ahl.model import initial_heads
+from ahl.trainer import AHLConfig, train_ahl
 
 CACHE, BASE, OUT, LOG = "cache/features", "models/base.pt", "models/ahl.pt", "results/ahl_training"
 
@@ -34,21 +35,23 @@ def main(params: Params) -> None:
     sizes = [tuple(x.shape[-2:]) for x in cache.test.scales]
     heads = initial_heads(base.model.heads, model, config.official_geometry, sizes)
     with process_group(resolve_device(params.device)) as (group, device):
+        runtime = params.runtime(device)
         if group.is_main:
             print(
                 f"AHL({model}) on {len(cache.train_normal)} normals, {len(cache.train_anomaly)} seen anomalies, "
                 f"families {sorted(cache.pseudo)} ({device}{f', {group.world} ranks' if group.world > 1 else ''})"
             )
-            _train(params, config, cache, heads, model, device, group)
+            _train(params, config, cache, heads, model, runtime, group)
         else:  # this rank's tasks; rank 0 logs, scores the test set and writes
-            train_ahl(cache, heads, config, seed=params.seed, device=device, group=group)
+            train_ahl(cache, heads, config, seed=params.seed, device=device, group=group, runtime=runtime)
 
 
-def _train(params: Params, config: AHLConfig, cache, heads, model: str, device, group) -> None:
+def _train(params: Params, config: AHLConfig, cache, heads, model: str, runtime, group) -> None:
+    device = runtime.device
     with live(ROOT / LOG) as logger:
 
         def on_epoch(epoch: int, scored) -> dict:
-            scores = score_features(cache.test, scored, cache.reference, device, config.eval_batch_size)
+            scores = score_features(cache.test, scored, cache.reference, device, config.eval_batch_size, runtime)
             auc = auc_roc_pr(cache.test.labels, scores) if np.isfinite(scores).all() else None  # diverged: none
             entry = {"test_auc_roc": auc and auc["auc_roc"], "test_auc_pr": auc and auc["auc_pr"]}
             for name, value in entry.items():
@@ -59,7 +62,7 @@ def _train(params: Params, config: AHLConfig, cache, heads, model: str, device, 
 
         result = train_ahl(
             cache, heads, config, seed=params.seed, device=device, progress=show_progress(), on_epoch=on_epoch,
-            group=group,
+            group=group, runtime=runtime,
         )  # fmt: skip
         meta = {
             "model": model,

@@ -25,14 +25,16 @@ def main(params: Params) -> None:
     normals = load_images(root, [s.file for s in split.train_normals], backbone.image_size)
     anomalies = load_images(root, [s.file for s in split.train_anomalies], backbone.image_size)
     with process_group(resolve_device(params.device)) as (group, device):
+        runtime = params.runtime(device)
         ranks = f", {group.world} ranks" if group.world > 1 else ""
         if group.is_main:
             print(
                 f"training {config.model} on {len(normals)} normals + {len(anomalies)} seen anomalies ({device}{ranks})"
             )
         ckpt = train_base(
-            normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress(), group=group
-        )
+            normals, anomalies, backbone, config, seed=params.seed, device=device, progress=show_progress(),
+            group=group, runtime=runtime,
+        )  # fmt: skip
         if not group.is_main:  # rank 0 writes the outputs
             return
     ckpt.meta["reference_files"] = [split.train_normals[i].file for i in ckpt.meta["reference_index"]]

@@ -20,7 +20,8 @@ from ahl.losses import deviation_loss
 from ahl.model import build_heads
 from ahl.scoring import forward, score_features
 from ahl.store import FeatureStore
-from ahl.trainer import AHLConfig, initial_heads, train_ahl
+from ahl.model import initial_heads
+from ahl.trainer import AHLConfig, train_ahl
 
 C = 16  # channels of the synthetic feature maps: scales (C, 4, 4) and (C, 2, 2)
 FAMILIES = ("cutmix", "cutpaste", "draem")

@@ -20,6 +20,7 @@ from ahl.distributed import DistributedConfig, Group, process_group, under_torch
 from ahl.errors import UserError
 from ahl.features import CacheConfig, write_cache
 from ahl.model import BackboneConfig, build_model
+from ahl.runtime import plain
 from ahl.train import BaseConfig, BatchSampler, _Step, rank_backward, train_base, train_step
 from ahl.trainer import train_ahl
 
@@ -135,7 +136,7 @@ def _one_step_gradient(group: Group):
     model = _model().eval()
     ddp = torch.nn.parallel.DistributedDataParallel(_Step(model))
     images, labels, ref = BatchSampler(*_images(), BASE, np.random.default_rng(1))()
-    loss = rank_backward(ddp, images, labels, ref, torch.device("cpu"), group)
+    loss = rank_backward(ddp, images, labels, ref, plain(torch.device("cpu")), group)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
