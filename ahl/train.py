@@ -217,9 +217,8 @@ def train_base(
     group: Group = SINGLE,
     runtime: Runtime | None = None,
 ) -> Checkpoint:
-    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each). ``group``: this rank's
-    place under torchrun (every rank returns the same weights; rank 0 saves them). ``runtime``: autocast,
-    channels_last and compile on ``device`` (None: float32, contiguous, eager)."""
+    """Train a base model on normal and seen-anomaly images ((N, S, S, 3) uint8 each). ``group``: this rank
+    under torchrun (all ranks return the same weights). ``runtime``: autocast, channels_last, compile."""
     runtime = runtime or plain(device)
     rng = np.random.default_rng(seed)
     with seeded(seed):  # head initialisation from the seed, without touching global state
