@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ahl.data.embedded import EmbeddedConfig, build_embedded
 
@@ -14,3 +15,13 @@ def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("embedded") / "mvtec"
     build_embedded(root, EmbeddedConfig(image_size=64, n_train=12, n_test_good=6, n_per_defect=5, seed=0))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny ops: OpenMP's thread handoff would dominate (and CI's cores are
+    shared). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -111,13 +111,7 @@ FAST = AHLConfig(epochs=3, steps_per_epoch=3, update_step=1, batch_size=24, lr=2
 LEARN = dataclasses.replace(FAST, steps_per_epoch=10, outer_steps_per_epoch=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The ops are tiny: OpenMP's thread handoff would dominate (and the CI machine's cores are shared).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,7 @@ def spawn(fn, *args, tmp_path) -> list:
     return results
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _every_check(group: Group, dataset, out) -> dict:

@@ -31,12 +31,7 @@ BF16_SCORE_TOLERANCE = 0.10  # max |score_bf16 - score_fp32| / (max - min of the
 BF16_AUC_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
