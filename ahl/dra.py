@@ -11,7 +11,17 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ahl.heads import NORMAL, PSEUDO, SEEN, ModelSpec, PatchHead, ScoringHeads, register_model, topk_mean
+from ahl.heads import (
+    NORMAL,
+    PSEUDO,
+    SEEN,
+    ModelSpec,
+    PatchHead,
+    ScoringHeads,
+    conv_as_matmul,
+    register_model,
+    topk_mean,
+)
 
 
 class HolisticHead(nn.Module):
@@ -45,12 +55,17 @@ class CompositeHead(nn.Module):
         )
         self.patch = PatchHead(in_channels, topk)
 
+    def residual(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """conv(reference - x) -> BatchNorm -> ReLU: x (B, C, H, W), reference (C, H, W) (the mean feature of the
+        reference normals at this scale) -> (B, C, H', W'), channels_last."""
+        conv, norm, relu = self.conv
+        return relu(norm(conv_as_matmul(reference[None] - x, conv)))
+
     def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        # x (B, C, H, W); reference (C, H, W): mean feature of the reference normals at this scale.
-        return self.patch(self.conv(reference[None] - x))
+        return self.patch(self.residual(x, reference))
 
     def patch_map(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:  # -> (B, H', W')
-        return self.patch.patch_map(self.conv(reference[None] - x))
+        return self.patch.patch_map(self.residual(x, reference))
 
 
 class DRAHeads(ScoringHeads):
@@ -109,4 +124,4 @@ SPEC = register_model(
               lr_step_at_epoch_start=True)
 )
 
-__all__ = ["CompositeHead", "DRAHeads", "HolisticHead", "SPEC", "topk_mean"]
+__all__ = ["SPEC", "CompositeHead", "DRAHeads", "HolisticHead", "topk_mean"]

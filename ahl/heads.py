@@ -8,9 +8,9 @@ heads carry their top-k rate and deviation-loss margin, so AHL trains with the b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,45 @@ def topk_mean(x: torch.Tensor, rate: float) -> torch.Tensor:
     return torch.topk(x, k, dim=1).values.mean(dim=1)
 
 
+def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` as one matrix product of x's patches with the kernel when the kernel's windows do not overlap
+    (stride >= kernel size: the 1 x 1 patch heads, the official geometry's stride-3 composite conv); else
+    ``conv(x)`` itself. Equal to the convolution within float rounding (~1e-7 relative in float32).
+
+    Why (benchmarks/bench_ahl.py, 2-core CPU): oneDNN runs a small strided convolution's backward at a fraction of
+    the machine's matmul rate; as a matrix product the forward is one GEMM and, when x needs no gradient (AHL trains
+    on cached features), the backward is one GEMM too (patches^T @ grad). Non-overlapping patches are a
+    re-arrangement of x, not the k*k-fold copy an im2col of an overlapping (stride-1) conv needs; for those
+    oneDNN's own kernels are faster than im2col + GEMM (measured: a DRA inner step 1.30 s vs 1.59 s), so they
+    stay convolutions. -> (B, O, H', W') in channels_last memory format.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+    if not plain or isinstance(conv.padding, str) or sh < kh or sw < kw:
+        return conv(x)
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous for channels_last x
+    if ph or pw:
+        rows = nn.functional.pad(rows, (0, 0, pw, pw, ph, ph))
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if kh * kw == 1:  # the rows (every sh-th, sw-th) are the patches
+        patches = rows[:, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw]
+    else:
+        patches = torch.stack(
+            [
+                rows[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            dim=3,
+        )  # (B, H', W', kh * kw, C)
+    kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, kh * kw * c)  # (O, kh * kw * C)
+    out = patches.reshape(b * ho * wo, kh * kw * c) @ kernel.t()
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out.view(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)
+
+
 class PatchHead(nn.Module):
     """DevNet's head and DRA's seen/pseudo heads: a 1x1 conv scores each position; top-k mean of |.|."""
 
@@ -38,10 +77,10 @@ class PatchHead(nn.Module):
         self.conv = nn.Conv2d(in_channels, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B,)
-        return topk_mean(self.conv(x), self.topk)
+        return topk_mean(conv_as_matmul(x, self.conv), self.topk)
 
     def patch_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H, W): what top-k pools
-        return self.conv(x)[:, 0].abs()
+        return conv_as_matmul(x, self.conv)[:, 0].abs()
 
 
 class ScoringHeads(nn.Module):

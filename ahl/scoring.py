@@ -91,7 +91,7 @@ def score_features(
     runtime = runtime or plain(device)
     ref = None
     if reference is not None:
-        ref = [torch.as_tensor(np.asarray(r, dtype=np.float32)).to(device) for r in reference]
+        ref = [torch.from_numpy(np.array(r, dtype=np.float32)).to(device) for r in reference]
     params = {n: p.detach() for n, p in heads.named_parameters()}
     buffers = dict(heads.named_buffers())
 

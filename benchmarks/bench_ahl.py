@@ -1,6 +1,6 @@
 """Speed and memory of AHL's training steps at the papers' shapes, against this machine's float32 matmul rate.
 
-    python benchmarks/bench_ahl.py [--full] [--device auto|cpu|cuda] [--bf16]
+    python benchmarks/bench_ahl.py [--full] [--device auto|cpu|cuda] [--bf16] [--official-geometry] [--profile]
 
 DRA heads on [512, 14, 14] + [512, 7, 7] float16 features of a 300-normal class (10 seen anomalies, 3 pseudo
 families), 6 tasks x update_step 3 x 20 steps x batch 48. Times one inner step (first and second order), one
@@ -8,6 +8,9 @@ task's outer step, and an epoch: by default a reduced epoch (one task, one round
 to the full one; ``--full`` runs a real epoch of train_ahl. Efficiency = counted FLOPs (FlopCounterMode) of a
 step / its time / the dense float32 matmul rate measured in the same run. ``--bf16``: the heads' forward passes
 under bfloat16 autocast (params.yaml runtime.autocast); on CUDA the peak GPU memory is printed too.
+``--official-geometry``: DRA's composite conv as the official AHL code builds it (stride 3, no padding; about 1/12
+of the default's FLOPs), the geometry to compare with the official code's epoch. ``--profile``: torch.profiler's
+top operators of one first-order and one second-order inner step.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 10) -> float
     return 2 * n**3 / best
 
 
+def print_profile(fn: Callable[[], object], what: str, rows: int = 12) -> None:
+    """torch.profiler's operators of one call of fn, by self time (the note's "top ops")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"profile: {what}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -109,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seen", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the heads' forward passes")
+    parser.add_argument("--official-geometry", action="store_true", help="the official composite conv (stride 3)")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of the inner steps")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     config = AHLConfig()  # the paper's defaults: 6 tasks x 3 rounds x 20 steps x batch 48
     cache = synthetic_cache(args.normals, args.seen, 150, 512, (14, 7), seed=0)
     # as train_ahl runs them: channels_last conv weights and features (FeatureStore gathers channels_last)
-    heads = build_heads("dra", 512, topk=0.1, margin=5.0).to(device).to(memory_format=torch.channels_last).train()
+    heads = build_heads("dra", 512, topk=0.1, margin=5.0, official_geometry=args.official_geometry)
+    heads = heads.to(device).to(memory_format=torch.channels_last).train()
     rate = matmul_rate(device)
 
     clusters = cluster_normals(pool_features(cache.train_normal.scales), HADGConfig(), seed=0)
@@ -152,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for order, label in ((False, "inner step, first order"), (True, "inner step, second order (create_graph)")):
         rows.append((label, timed(inner(order), device, args.repeats), flops(inner(order))))
+        if args.profile:
+            print_profile(inner(order), label)
 
     def forward_only():
         with torch.no_grad(), autocast():
@@ -194,14 +214,18 @@ def main(argv: list[str] | None = None) -> None:
     epoch_est = t * task_time + test_time
     rows.append((f"epoch, extrapolated: {t} tasks x {n_inner} inner steps", epoch_est, None))
     if args.full:
-        full = AHLConfig(epochs=1)
+        # k-means on pooled features, as above: on these random features the flattened maps (params.yaml's
+        # default) leave one cluster too small, i.e. 2 tasks instead of 6, and the epoch would not be comparable
+        full = AHLConfig(epochs=1, hadg=HADGConfig(features="pooled"))
         start = time.perf_counter()
-        train_ahl(cache, heads.cpu(), full, seed=0, device=device, runtime=runtime)
-        rows.append(("epoch, measured (train_ahl, epochs=1)", time.perf_counter() - start, None))
+        result = train_ahl(cache, heads.cpu(), full, seed=0, device=device, runtime=runtime)
+        seconds = time.perf_counter() - start
+        rows.append((f"epoch, measured (train_ahl, epochs=1, {len(result.tasks)} tasks)", seconds, None))
 
     epoch_flops = t * (rows[2][2] + (n_inner - 1) * rows[1][2] + q_flops)
     precision = "bfloat16 autocast" if args.bf16 else "float32"
-    print(f"device {device} ({torch.get_num_threads()} threads, {precision}), torch {torch.__version__}, "
+    geometry = "official geometry (composite conv stride 3)" if args.official_geometry else "default geometry"
+    print(f"device {device} ({torch.get_num_threads()} threads, {precision}, {geometry}), torch {torch.__version__}, "
           f"load {os.getloadavg()}")  # fmt: skip
     print(f"dense float32 matmul 2048x2048: {rate / 1e9:.1f} GFLOP/s")
     print(f"{'what':<66} {'time':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% mm':>6}")

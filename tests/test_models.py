@@ -10,7 +10,7 @@ from ahl.backbones import build_backbone, multiscale
 from ahl.devnet import DevNetHeads
 from ahl.dra import DRAHeads
 from ahl.errors import UserError
-from ahl.heads import topk_mean
+from ahl.heads import conv_as_matmul, topk_mean
 from ahl.losses import deviation_loss
 from ahl.model import BackboneConfig, load_checkpoint, save_checkpoint
 from ahl.train import BaseConfig, BatchSampler, train_base
@@ -66,6 +66,33 @@ def test_dra_needs_reference_and_official_geometry_shrinks_the_map():
     x = torch.randn(2, 8, 14, 14)
     assert official.composite_head.conv(x).shape[-1] == 4 and heads.composite_head.conv(x).shape[-1] == 14
 
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 3, 0), (3, 3, 1), (3, 4, 0), (1, 1, 0), (1, 2, 0), (3, 1, 1)])
+def test_conv_as_matmul_equals_the_convolution_and_its_gradients(kernel, stride, padding, channels_last):
+    """The heads' non-overlapping convolutions run as matrix products (AHL's speed): same outputs and gradients
+    (input, kernel, bias) as nn.Conv2d, in float64 to 1e-12: the official composite geometry, 1 x 1 patch heads,
+    other strides and paddings, both memory layouts; DRA's stride-1 geometry stays a convolution."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 8, kernel, stride=stride, padding=padding).double()
+    for size in (14, 7, 3):
+        x = torch.randn(4, 16, size, size, dtype=torch.float64, requires_grad=True)
+        inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        expected, got = conv(inp), conv_as_matmul(inp, conv)
+        assert got.shape == expected.shape
+        assert got.is_contiguous(memory_format=torch.channels_last) or stride < kernel
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+        grad = torch.randn_like(expected)
+        wrt = [x, conv.weight, conv.bias]
+        for a, b in zip(torch.autograd.grad(got, wrt, grad), torch.autograd.grad(expected, wrt, grad)):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    # overlapping windows and what it does not rewrite are left to the convolution itself
+    if stride < kernel:
+        assert torch.equal(conv_as_matmul(inp, conv), conv(inp))
+    grouped = torch.nn.Conv2d(16, 8, 3, padding=1, groups=2).double()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    assert torch.equal(conv_as_matmul(x, grouped), grouped(x))
 
 def test_devnet_head():
     heads = DevNetHeads(8, topk=0.1, margin=5.0)
