@@ -18,7 +18,6 @@ from ahl.errors import UserError
 from ahl.features import INDEX, load_cache
 from ahl.io import read_json, write_json
 from ahl.model import load_checkpoint, load_heads
-from ahl.runtime import resolve_device
 from ahl.scoring import score_features, score_images
 from ahl.threshold import ThresholdConfig, choose
 
@@ -28,22 +27,33 @@ FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py" 
 log = logging.getLogger("stage")
 
 
+def model_files() -> dict:
+    """The files the thresholds are made from (evaluate checks them): the split, the base model and AHL's heads
+    when they exist (without them, e.g. a base model trained by a plain `python stages/train_base.py`, the
+    thresholds are the base model's only)."""
+    files = {"split": ROOT / SPLIT, "base": ROOT / BASE}
+    return files | ({"ahl": ROOT / AHL} if (ROOT / AHL).is_file() else {})
+
+
 def validation_scores(params: Params, split: Split, batch_size: int) -> dict[str, np.ndarray]:
     """Validation-slice scores of the base model (from images) and of AHL (from the cached features), as
     evaluate scores the test set."""
-    device = resolve_device(params.device)
+    runtime = params.runtime()
+    device = runtime.device
     ckpt = load_checkpoint(ROOT / BASE, device)
     provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
     files = [s.file for s in split.validation]
     images = load_images(ROOT / DATA / split.classname, files, ckpt.meta["backbone"]["image_size"])
-    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size)[0]}
+    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size, runtime)[0]}
+    if not (ROOT / AHL).is_file():  # the base model alone (plain `python stages/...` runs without AHL's stages)
+        return scores
     cache = load_cache(ROOT / CACHE)
     provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
     heads, meta = load_heads(ROOT / AHL)
     provenance.check(AHL, meta.get("inputs"), TRAIN_AHL, base=ROOT / BASE, cache=ROOT / CACHE / INDEX)
     if cache.validation is None or cache.validation.files != files:
         raise UserError(f"{CACHE} holds no features of this split's validation slice; rerun `{FEATURES}`")
-    scores["ahl"] = score_features(cache.validation, heads.to(device), cache.reference, device, batch_size)
+    scores["ahl"] = score_features(cache.validation, heads.to(device), cache.reference, device, batch_size, runtime)
     return scores
 
 
@@ -61,7 +71,7 @@ def main(params: Params) -> None:
             v = out[key]["validation"]
             print(f"{key}: threshold {out[key]['threshold']:.6g} ({config.rule}); validation {v['normal']} normals, "
                   f"{v['anomaly']} anomalies, FPR {v['fpr']}")  # fmt: skip
-    out["inputs"] = provenance.inputs(split=ROOT / SPLIT, base=ROOT / BASE, ahl=ROOT / AHL)
+    out["inputs"] = provenance.inputs(**model_files())
     write_json(ROOT / OUT, out)
 
 

@@ -66,9 +66,8 @@ def main(params: Params) -> None:
         "n_anomalies": split.config["n_anomalies"],
         "seen_classes": split.seen_classes,
     }
-    thresholds = load_thresholds(
-        ROOT / THRESHOLDS, "python stages/calibrate.py", split=ROOT / SPLIT, base=ROOT / BASE, ahl=ROOT / AHL
-    )
+    made_from = {"split": ROOT / SPLIT, "base": ROOT / BASE} | ({"ahl": ROOT / AHL} if "ahl" in scores else {})
+    thresholds = load_thresholds(ROOT / THRESHOLDS, "python stages/calibrate.py", **made_from)
     for key, s in scores.items():
         metrics[key] = {"model": names[key], **compute_metrics(labels, s, classes, seen)}
         metrics[key].update(pixel_metrics(heat[key], masks) if masks is not None else {})

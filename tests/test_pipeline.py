@@ -253,6 +253,31 @@ def test_stage_runs_as_plain_python_without_dvc(repo, tmp_path):
     assert (repo.path / "data/split.json").read_text() == before  # no partial output
 
 
+def test_base_model_alone_is_calibrated_and_evaluated_by_plain_python(repo):
+    """Without AHL's stages (e.g. plain `python stages/...` runs of the base model on a machine without dvc, or
+    the parity harness's --no-ahl): calibrate and evaluate work on the base model alone; AHL's heads appearing
+    afterwards make evaluate refuse the base-only thresholds until calibrate reruns."""
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    repo.dvc("repro")
+    heads = repo.path / "models/ahl.pt"
+    kept = heads.read_bytes()
+    heads.unlink()
+    try:
+        assert repo.run(sys.executable, "stages/calibrate.py").returncode == 0
+        thresholds = json.loads((repo.path / "models/thresholds.json").read_text())
+        assert thresholds["ahl"] is None and thresholds["base"]["threshold"] is not None
+        assert set(thresholds["inputs"]) == {"split", "base"}
+        assert repo.run(sys.executable, "stages/evaluate.py").returncode == 0
+        metrics = json.loads((repo.path / "results/metrics.json").read_text())
+        assert "ahl" not in metrics and "at_threshold" in metrics["base"]
+        heads.write_bytes(kept)
+        res = repo.run(sys.executable, "stages/evaluate.py", check=False)
+        assert res.returncode == 2 and "thresholds.json was made with no record of " in res.stderr
+        assert "models/ahl.pt" in res.stderr.split("no record of ")[1].split(":")[0]
+    finally:
+        heads.write_bytes(kept)
+        repo.dvc("checkout", "-f")
+
 def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
     """split.py by hand with another M, then evaluate.py: the models were trained on the old split, so evaluate
     refuses instead of writing metrics that claim the new M; `dvc repro` brings everything back in line."""
