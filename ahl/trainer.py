@@ -242,15 +242,15 @@ class AHLTrainer:
         pool_scores = np.zeros((len(self.pool), len(self.tasks)), dtype=np.float32) if last else None
         split = TaskSplit(self.group, heads, len(self.tasks))  # tasks over ranks (ahl/distributed.py)
         for i, task in enumerate(self.tasks):
-            # batches are gathered when used: keeping 20 float32 batches at the papers' shapes would cost 0.5 GB
-            # for a ~1 % faster step (bench_ahl.py: gather 6 ms, inner step 560 ms)
             batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n_batches)
             queries = self._batches(task.query_normals, task.query_anomalies, task.query_family, c.query_batches)
             if not split.begin(i):  # another rank's task: its batches were drawn all the same (one stream)
                 continue
+            # each support batch is gathered once and kept for the update_step rounds (0.5 GB of float32 at the
+            # papers' shapes; bench_ahl.py: a gather costs 6 ms, 4 % of an inner step at the official geometry)
+            support = [self.store.batch(b, split_of) for b in batches]
             phi, losses, query_losses[i] = task_meta_gradient(
-                heads, theta, buffers,
-                (self.store.batch(b, split_of) for _ in range(c.update_step) for b in batches),
+                heads, theta, buffers, (batch for _ in range(c.update_step) for batch in support),
                 (self.store.batch(b, split_of) for b in queries), len(queries), self.reference,
                 weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order, autocast=self.autocast,
             )  # fmt: skip

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     # reduced epoch: one task, one round of steps_per_epoch inner steps, its query pass, its pool scoring
     reduced = timed(outer_one_task(config.steps_per_epoch), device, 1, warmup=0) + pool_time
     rows.append((f"reduced epoch: 1 task x 1 round x {config.steps_per_epoch} steps (+ query, pool)", reduced, None))
-    task_time = t_so + (n_inner - 1) * t_fo + query_only + pool_time + n_inner * gather
+    # train_ahl gathers each of a task's steps_per_epoch support batches once for its update_step rounds
+    task_time = t_so + (n_inner - 1) * t_fo + query_only + pool_time + config.steps_per_epoch * gather
     epoch_est = t * task_time + test_time
     rows.append((f"epoch, extrapolated: {t} tasks x {n_inner} inner steps", epoch_est, None))
     if args.full:

@@ -2,6 +2,10 @@
 then AHL's steps (bench_ahl.py), each in float32 and in bfloat16 autocast + channels_last (params.yaml runtime).
 
     python benchmarks/bench_cuda.py [--device cuda] [--full] [--compile] [--dry-run]
+    python benchmarks/bench_cuda.py --device cpu --no-ahl --backbone efficientnet_lite0 --image-size 192 --batch 24
+
+The second line is the same stage measurement on the CPU at the demo's sizes (float32 only: bfloat16 is emulated,
+i.e. slow, on CPUs without bfloat16 units, and params.yaml's runtime.autocast leaves the CPU in float32).
 
 Needs only torch, timm, scikit-learn, scikit-image and pandas (no dvc, no internet). ResNet-18 at 448 px, batch 48
 (the papers'); without its ImageNet weights in the torch cache it falls back to EfficientNet-Lite0 (weights from
@@ -163,7 +167,10 @@ def print_rows(title: str, rows) -> None:
 
 
 def variants(device: torch.device, compile_too: bool) -> list[tuple[str, Runtime]]:
-    out = [("float32", Runtime(device)), ("bfloat16 autocast + channels_last", Runtime(device, torch.bfloat16, True))]
+    out = [("float32", Runtime(device))]
+    if device.type == "cpu":  # runtime.autocast's auto: float32 on the CPU
+        return out
+    out.append(("bfloat16 autocast + channels_last", Runtime(device, torch.bfloat16, True)))
     if compile_too:
         out.append(("bfloat16 + channels_last + torch.compile", Runtime(device, torch.bfloat16, True, compile=True)))
     return out
@@ -172,12 +179,12 @@ def variants(device: torch.device, compile_too: bool) -> list[tuple[str, Runtime
 def bench_ahl_commands(device: torch.device, full: bool) -> list[list[str]]:
     base = [sys.executable, str(ROOT / "benchmarks" / "bench_ahl.py"), "--device", str(device)]
     base += ["--full"] if full else []
-    return [base, base + ["--bf16"]]
+    return [base] if device.type == "cpu" else [base, base + ["--bf16"]]  # float32 only on the CPU
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu only for a quick check of this script)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (float32 only)")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--batch", type=int, default=48)

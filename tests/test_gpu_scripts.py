@@ -26,8 +26,12 @@ def test_bench_cuda_dry_run_names_the_backbone_and_both_ahl_runs(capsys):
     assert bench_cuda.main(argv) == 0
     out = capsys.readouterr().out
     assert "backbone efficientnet_lite0 (imagenet weights) at 64 px" in out
-    assert "bench_ahl.py --device cpu\n" in out and "bench_ahl.py --device cpu --bf16" in out
-    assert "dtype=torch.bfloat16, channels_last=True" in out
+    # on the CPU float32 only (bfloat16 is emulated there); on CUDA float32 and bf16 + channels_last
+    assert "bench_ahl.py --device cpu\n" in out and "--bf16" not in out and "bfloat16" not in out
+    cuda = torch.device("cuda")
+    assert [c[-1] for c in bench_cuda.bench_ahl_commands(cuda, full=False)] == ["cuda", "--bf16"]
+    labels = [(label, r.dtype, r.channels_last) for label, r in bench_cuda.variants(cuda, False)]
+    assert labels == [("float32", None, False), ("bfloat16 autocast + channels_last", torch.bfloat16, True)]
 
 
 def test_bench_cuda_measures_every_row_at_a_tiny_size():
