@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ahl.augment import cutmix, cutpaste, rotate
+from ahl.augment import _as_rgb, _resize, cutmix, cutpaste, rotate
 from ahl.backbones import to_input
 from ahl.distributed import SINGLE, Group
 from ahl.draem import anomaly_sources, draem
@@ -115,6 +115,18 @@ class PseudoAnomalyMaker:
     def __post_init__(self) -> None:
         if self.sources is None:
             self.sources = anomaly_sources(None)
+        self._stretched: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _source(self, k: int, height: int, width: int) -> np.ndarray:
+        """DRAEM texture k stretched to the image size, as draem() would stretch it: kept when the pool is in
+        memory (a few photographs; a PIL resize costs about half of a DRAEM image), read anew from a folder pool."""
+        key = (k, height, width)
+        if key in self._stretched:
+            return self._stretched[key]
+        stretched = _resize(_as_rgb(self.sources[k]), height, width)
+        if isinstance(self.sources, list):
+            self._stretched[key] = stretched
+        return stretched
 
     def make(self, family: str, index: int, rng: np.random.Generator) -> np.ndarray:
         """Pseudo anomaly of normal ``index`` in ``family`` (one of FAMILIES), as (H, W, 3) uint8."""
@@ -134,7 +146,7 @@ class PseudoAnomalyMaker:
             assert self.sources is not None  # set in __post_init__
             if len(self.sources) == 0:
                 raise UserError("the draem pseudo anomalies need at least one anomaly-source image, got none")
-            return draem(image, self.sources[int(rng.integers(len(self.sources)))], rng)
+            return draem(image, self._source(int(rng.integers(len(self.sources))), *image.shape[:2]), rng)
         raise UserError(f"unknown pseudo-anomaly family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 

@@ -39,11 +39,13 @@ def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     on cached features), the backward is one GEMM too (patches^T @ grad). Non-overlapping patches are a
     re-arrangement of x, not the k*k-fold copy an im2col of an overlapping (stride-1) conv needs; for those
     oneDNN's own kernels are faster than im2col + GEMM (measured: a DRA inner step 1.30 s vs 1.59 s), so they
-    stay convolutions. -> (B, O, H', W') in channels_last memory format.
+    stay convolutions. Scoring (no gradient) stays a convolution too: a matrix product's rounding depends on the
+    number of rows, and a score must not depend on the batch it was scored in (evaluate.batch_size).
+    -> (B, O, H', W') in channels_last memory format.
     """
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-    if not plain or isinstance(conv.padding, str) or sh < kh or sw < kw:
+    if not plain or isinstance(conv.padding, str) or sh < kh or sw < kw or not torch.is_grad_enabled():
         return conv(x)
     b, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous for channels_last x

@@ -106,3 +106,21 @@ def test_a_corrupt_or_truncated_cache_is_a_one_line_error(small_dataset, model, 
     npy.write_bytes(npy.read_bytes()[:200])
     with pytest.raises(UserError, match=r"test.s0.npy is unreadable .*dvc repro -f features"):
         load_cache(tmp_path / "c")
+
+
+def test_draem_textures_stretched_once_give_the_same_pseudo_anomalies():
+    """The maker keeps each in-memory DRAEM texture stretched to the image size: the pseudo anomalies are the
+    ones draem() makes from the original texture with the same random stream, bit for bit."""
+    from ahl.draem import draem
+    from ahl.features import PseudoAnomalyMaker
+
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)
+    sources = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.random((30, 30))]  # RGB uint8, grey float
+    maker = PseudoAnomalyMaker(normals, sources=sources)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for i in [0, 1, 2, 3, 0, 1]:
+        made = maker.make("draem", i, a)
+        expected = draem(normals[i], sources[int(b.integers(len(sources)))], b)
+        assert np.array_equal(made, expected)
+    assert len(maker._stretched) == 2  # one stretched copy per texture and image size

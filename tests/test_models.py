@@ -87,8 +87,10 @@ def test_conv_as_matmul_equals_the_convolution_and_its_gradients(kernel, stride,
         wrt = [x, conv.weight, conv.bias]
         for a, b in zip(torch.autograd.grad(got, wrt, grad), torch.autograd.grad(expected, wrt, grad)):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
-    # overlapping windows and what it does not rewrite are left to the convolution itself
+    # overlapping windows, scoring (no gradient) and what it does not rewrite are left to the convolution itself
     if stride < kernel:
+        assert torch.equal(conv_as_matmul(inp, conv), conv(inp))
+    with torch.no_grad():
         assert torch.equal(conv_as_matmul(inp, conv), conv(inp))
     grouped = torch.nn.Conv2d(16, 8, 3, padding=1, groups=2).double()
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
