@@ -121,6 +121,8 @@ def base_training(backbone: BackboneConfig, runtime: Runtime, batch: int, steps:
             normals, anomalies, backbone, BaseConfig(**{**config.__dict__, "steps_per_epoch": 1 + steps}), **kwargs
         )
     seconds = many["seconds"] - one["seconds"]
+    if seconds <= 0:
+        raise SystemExit(f"train_base: {steps} more steps took no measurable time on this busy machine; raise --steps")
     return {"seconds": seconds, "peak_gib": many["peak_gib"], "images_per_s": steps * (batch + 5) / seconds}
 
 

@@ -200,7 +200,19 @@ def test_evaluation_param_reruns_only_evaluation(repo):
     before = json.loads((repo.path / "results/metrics.json").read_text())
     res = repo.dvc("exp", "run", "-S", "evaluate.batch_size=5")
     assert repo.ran(res.stdout) == {"local_manifest", "selection", "evaluate"}
-    assert json.loads((repo.path / "results/metrics.json").read_text()) == before  # batch size changes nothing
+    after = json.loads((repo.path / "results/metrics.json").read_text())
+    # the batch size changes no image metric; the pixel metrics move by float rounding only (the convolutions'
+    # kernels depend on the batch size, and pixel AUCs rank thousands of near-tied upsampled heatmap values)
+    pixel = {"pixel_auc_roc", "pixel_aupro"}
+    for key in ("base", "ahl"):
+        assert {k: v for k, v in after[key].items() if k not in pixel} == {
+            k: v for k, v in before[key].items() if k not in pixel
+        }
+        for k in pixel:
+            assert after[key][k] == pytest.approx(before[key][k], rel=1e-5, abs=1e-6), (key, k)
+    assert {k: v for k, v in after.items() if k not in ("base", "ahl")} == {
+        k: v for k, v in before.items() if k not in ("base", "ahl")
+    }
 
 
 def test_ahl_param_reruns_only_ahl_and_evaluation(repo):
