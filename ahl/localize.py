@@ -3,7 +3,7 @@
 A heatmap is made as DRA and DevNet localise: each spatial head's per-position |score| (what its top-k mean
 pools; DRA: seen + pseudo + composite heads, DevNet: its one head) is upsampled bilinearly to the image and summed
 over the heads. Only the full-size scale is used: the image score also averages the smaller scales, but their
-maps have 1/2, 1/4 ... of its resolution (2 x 2 positions at the demo's 128 px) and averaging them in blurs the
+maps have 1/2, 1/4 ... of its resolution (3 x 3 positions at the demo's 192 px, 2 x 2 at 128 px) and averaging them in blurs the
 map (demo before the validation slice, AHL: pixel AUC-ROC 0.76 from the full-size scale, 0.72 with both). `ahl predict` and the evaluate
 stage both call ``patch_maps``/``heatmaps``, so the maps predict draws are the ones evaluate's metrics measure.
 """
