@@ -99,6 +99,13 @@ def choose(config: ThresholdConfig, normal: np.ndarray, anomaly: np.ndarray, wha
             "validation": validation}  # fmt: skip
 
 
+def made_from(split: Path, base: Path, ahl: Path) -> dict[str, Path]:
+    """The files thresholds are made from (calibrate records them, evaluate checks them): the split, the base
+    model and AHL's heads when they exist (without them, e.g. a base model trained by a plain
+    `python stages/train_base.py`, the thresholds are the base model's only)."""
+    return {"split": split, "base": base} | ({"ahl": ahl} if ahl.is_file() else {})
+
+
 def load_thresholds(path: Path, rerun: str, **inputs: Path) -> dict:
     """models/thresholds.json, refused when it was made from other ``inputs`` (files) than those on disk."""
     if not path.is_file():

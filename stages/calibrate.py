@@ -19,20 +19,12 @@ from ahl.features import INDEX, load_cache
 from ahl.io import read_json, write_json
 from ahl.model import load_checkpoint, load_heads
 from ahl.scoring import score_features, score_images
-from ahl.threshold import ThresholdConfig, choose
+from ahl.threshold import ThresholdConfig, choose, made_from
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL, OUT = "cache/features", "models/ahl.pt", "models/thresholds.json"
 FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py"  # what reruns a stale input
 log = logging.getLogger("stage")
-
-
-def model_files() -> dict:
-    """The files the thresholds are made from (evaluate checks them): the split, the base model and AHL's heads
-    when they exist (without them, e.g. a base model trained by a plain `python stages/train_base.py`, the
-    thresholds are the base model's only)."""
-    files = {"split": ROOT / SPLIT, "base": ROOT / BASE}
-    return files | ({"ahl": ROOT / AHL} if (ROOT / AHL).is_file() else {})
 
 
 def validation_scores(params: Params, split: Split, batch_size: int) -> dict[str, np.ndarray]:
@@ -71,7 +63,7 @@ def main(params: Params) -> None:
             v = out[key]["validation"]
             print(f"{key}: threshold {out[key]['threshold']:.6g} ({config.rule}); validation {v['normal']} normals, "
                   f"{v['anomaly']} anomalies, FPR {v['fpr']}")  # fmt: skip
-    out["inputs"] = provenance.inputs(**model_files())
+    out["inputs"] = provenance.inputs(**made_from(ROOT / SPLIT, ROOT / BASE, ROOT / AHL))
     write_json(ROOT / OUT, out)
 
 

@@ -20,7 +20,7 @@ from ahl.model import load_checkpoint, load_heads
 from ahl.pixel_metrics import load_masks, pixel_metrics
 from ahl.report_html import png_bytes, report_figures, report_html
 from ahl.scoring import score_features, score_images
-from ahl.threshold import load_thresholds, metrics_at_threshold
+from ahl.threshold import load_thresholds, made_from, metrics_at_threshold
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL = "cache/features", "models/ahl.pt"
@@ -66,8 +66,8 @@ def main(params: Params) -> None:
         "n_anomalies": split.config["n_anomalies"],
         "seen_classes": split.seen_classes,
     }
-    made_from = {"split": ROOT / SPLIT, "base": ROOT / BASE} | ({"ahl": ROOT / AHL} if "ahl" in scores else {})
-    thresholds = load_thresholds(ROOT / THRESHOLDS, "python stages/calibrate.py", **made_from)
+    inputs = made_from(ROOT / SPLIT, ROOT / BASE, ROOT / AHL)
+    thresholds = load_thresholds(ROOT / THRESHOLDS, "python stages/calibrate.py", **inputs)
     for key, s in scores.items():
         metrics[key] = {"model": names[key], **compute_metrics(labels, s, classes, seen)}
         metrics[key].update(pixel_metrics(heat[key], masks) if masks is not None else {})
