@@ -44,14 +44,28 @@ def to_input(images, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def multiscale(backbone: nn.Module, images: torch.Tensor, n_scales: int) -> list[torch.Tensor]:
-    """Features of the image at full size and at 1/2, 1/4 ... (the papers use 2 scales: 448 and 224)."""
+RESIZE = ("bilinear", "nearest")
+
+
+def multiscale(
+    backbone: nn.Module, images: torch.Tensor, n_scales: int, resize: str = "bilinear"
+) -> list[torch.Tensor]:
+    """Features of the image at full size and at 1/2, 1/4 ... (the papers use 2 scales: 448 and 224).
+
+    ``resize``: how the smaller images are made. ``bilinear`` averages with antialiasing; ``nearest`` keeps
+    every 2**s-th pixel, as the official DRA and DevNet code (``F.interpolate``'s default mode) does.
+    """
+    if resize not in RESIZE:
+        raise ValueError(f"resize must be one of {RESIZE}, not {resize!r}")
     feats = []
     for s in range(n_scales):
         x = images
         if s > 0:
             size = images.shape[-1] // (2**s)
-            x = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if resize == "nearest":
+                x = F.interpolate(images, size=(size, size), mode="nearest")
+            else:
+                x = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         feats.append(backbone(x))
     return feats
 

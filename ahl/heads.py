@@ -113,14 +113,23 @@ class ScoringHeads(nn.Module):
         """For each head: (mask of the samples it trains on, its binary target). labels: (B,) in {0, 1, 2}."""
         raise NotImplementedError
 
-    def loss(self, scores: torch.Tensor, labels: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        counts: Sequence[int] | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Sum over heads of the deviation loss (margin ``self.margin``) on the samples each head trains on.
         ``counts``: when the rows are one rank's share of a larger batch, each head's samples in the whole batch
-        (head_counts); each head's mean then becomes this rank's part of the whole batch's mean."""
+        (head_counts); each head's mean then becomes this rank's part of the whole batch's mean.
+        ``reference``: (n_heads, R) draws of N(0, 1), one sample per head (the official loss); None = mean 0,
+        std 1 exactly."""
         total = scores.new_zeros(())
         for h, (mask, target) in enumerate(self.targets(labels)):
             if mask.any():
-                loss = deviation_loss(scores[mask, h], target[mask], self.margin)
+                draws = None if reference is None else reference[h]
+                loss = deviation_loss(scores[mask, h], target[mask], self.margin, draws)
                 total = total + (loss if counts is None else loss * (int(mask.sum()) / counts[h]))
         return total
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ahl import devnet, dra  # noqa: F401  (register the built-in models)
-from ahl.backbones import build_backbone, multiscale
-from ahl.config import positive
+from ahl.backbones import RESIZE, build_backbone, multiscale
+from ahl.config import one_of, positive
 from ahl.errors import UserError
 from ahl.heads import HeadsEnsemble, ScoringHeads, get_model
 from ahl.io import atomic_path
@@ -30,23 +30,26 @@ class BackboneConfig:
     pretrained: str = "imagenet"  # "imagenet" or "none" (random weights, only when asked for)
     image_size: int = 448  # the first scale; scale s is image_size // 2**s
     n_scales: int = 2
+    resize: str = "bilinear"  # how scales 2+ are made: bilinear (antialiased) | nearest (official code)
 
     def __post_init__(self) -> None:
         positive("backbone.image_size", self.image_size)
+        one_of("backbone.resize", self.resize, RESIZE)
         if self.n_scales < 1 or self.image_size // 2 ** (self.n_scales - 1) < 32:
             raise UserError(f"params.yaml: backbone.n_scales={self.n_scales} is too many for {self.image_size} px")
 
 
 class AnomalyModel(nn.Module):
-    def __init__(self, backbone: nn.Module, heads: ScoringHeads, n_scales: int):
+    def __init__(self, backbone: nn.Module, heads: ScoringHeads, n_scales: int, resize: str = "bilinear"):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
         self.n_scales = n_scales
+        self.resize = resize
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images in [0, 1] (B, 3, S, S) -> per scale s: (B, C, S/2^s/32, ...)."""
-        return multiscale(self.backbone, images, self.n_scales)
+        return multiscale(self.backbone, images, self.n_scales, self.resize)
 
     def forward(self, images: torch.Tensor, reference: Sequence[torch.Tensor] | None) -> torch.Tensor:
         return self.heads(self.features(images), reference)  # (B, n_heads)
@@ -62,7 +65,9 @@ def build_heads(
 def build_model(model: str, backbone: BackboneConfig, *, topk: float, margin: float, warn: bool = True) -> AnomalyModel:
     get_model(model)  # an unknown name fails before the backbone is built
     net = build_backbone(backbone.name, backbone.pretrained, warn=warn)
-    return AnomalyModel(net, build_heads(model, net.out_channels, topk=topk, margin=margin), backbone.n_scales)
+    return AnomalyModel(
+        net, build_heads(model, net.out_channels, topk=topk, margin=margin), backbone.n_scales, backbone.resize
+    )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ahl.config import at_least, one_of, positive
 from ahl.distributed import SINGLE, Group
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN, get_model
+from ahl.losses import REFERENCE_DRAWS
 from ahl.model import AnomalyModel, BackboneConfig, Checkpoint, build_model
 from ahl.runtime import Runtime, plain, seeded
 
@@ -50,6 +51,7 @@ class BaseConfig:
     rotation_interpolation: str = "nearest"  # official (torchvision RandomRotation's default) | "bilinear"
     grad_clip: float = 1.0  # max norm of the gradient (official DRA and DevNet); 0 = no clipping
     sampling: str = "cycle"  # official: each image once per pass in a fresh permutation | "replace": i.i.d. draws
+    deviation_reference: str = "standard"  # dev = s (N(0, 1)'s own mean and std) | "sampled": official draws
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -59,6 +61,7 @@ class BaseConfig:
             at_least(f"base.{name}", getattr(self, name), 0)
         one_of("base.rotation_interpolation", self.rotation_interpolation, ("nearest", "bilinear"))
         one_of("base.sampling", self.sampling, ("cycle", "replace"))
+        one_of("base.deviation_reference", self.deviation_reference, ("standard", "sampled"))
         if self.topk > 1:
             raise UserError(f"params.yaml: base.topk = {self.topk} is a fraction of positions: use a value in (0, 1]")
         if not 0 <= self.pseudo_prob <= 1:
@@ -91,6 +94,11 @@ class BatchSampler:
         self.normal_idx = _Indices(len(normals), config.sampling, rng)
         self.anomaly_idx = _Indices(len(anomalies), config.sampling, rng)
         self.reference_idx = _Indices(len(normals), config.sampling, rng)
+        # The deviation loss's N(0, 1) draws come from their own stream, so that the batches are the same with
+        # either base.deviation_reference (a paired ablation).
+        self.draw_rng = None
+        if config.deviation_reference == "sampled":
+            self.draw_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images (B, H, W, 3) uint8, labels (B,), reference images (n_ref, H, W, 3) or None)."""
@@ -115,6 +123,14 @@ class BatchSampler:
             reference = rotate(refs, cfg.rotation, cfg.rotation_interpolation, rng)
         return batch, np.asarray(labels, dtype=np.int64), reference
 
+    def reference_draws(self, n_heads: int, device) -> torch.Tensor | None:
+        """(n_heads, 5,000) fresh N(0, 1) draws for this step's deviation losses (base.deviation_reference:
+        sampled, as the official loss draws per call), or None (standard: mean 0 and std 1 exactly)."""
+        if self.draw_rng is None:
+            return None
+        draws = self.draw_rng.standard_normal((n_heads, REFERENCE_DRAWS), dtype=np.float32)
+        return torch.from_numpy(draws).to(device)
+
 
 def train_step(
     model: AnomalyModel,
@@ -122,15 +138,17 @@ def train_step(
     labels: torch.Tensor,
     reference_images: torch.Tensor | None,
     counts: list[int] | None = None,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of one batch. DRA's reference images go through the backbone in the same batch (as in DRA).
-    ``counts``: the rows are a rank's share of a larger batch (ScoringHeads.loss)."""
+    ``counts``: the rows are a rank's share of a larger batch; ``draws``: the deviation loss's N(0, 1)
+    sample per head (ScoringHeads.loss)."""
     n_ref = 0 if reference_images is None else len(reference_images)
     x = images if reference_images is None else torch.cat([reference_images, images])
     feats = model.features(x)
     reference = [f[:n_ref].mean(dim=0) for f in feats] if n_ref else None
     scores = model.heads([f[n_ref:] for f in feats], reference)
-    return model.heads.loss(scores, labels, counts)
+    return model.heads.loss(scores, labels, counts, draws)
 
 
 class _Step(torch.nn.Module):
@@ -140,11 +158,13 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, labels, reference_images, counts):
-        return train_step(self.model, images, labels, reference_images, counts)
+    def forward(self, images, labels, reference_images, counts, draws):
+        return train_step(self.model, images, labels, reference_images, counts, draws)
 
 
-def rank_backward(step, images: np.ndarray, labels: np.ndarray, ref, runtime: Runtime, group: Group) -> float:
+def rank_backward(
+    step, images: np.ndarray, labels: np.ndarray, ref, runtime: Runtime, group: Group, draws=None
+) -> float:
     """Backward of this rank's rows of the global batch through ``step`` (DDP over _Step): each head's mean
     is taken over its samples in the global batch, so that DDP's mean over the ranks (times world) is the
     gradient of the global batch's loss; every rank forwards the reference images. Returns the global loss."""
@@ -157,6 +177,7 @@ def rank_backward(step, images: np.ndarray, labels: np.ndarray, ref, runtime: Ru
             torch.from_numpy(labels[rows]).to(device),
             None if ref is None else runtime.input(to_input(ref, device)),
             counts,
+            draws,
         )
     (loss * group.world).backward()
     return float(group.sum_(loss.detach()))
@@ -185,9 +206,10 @@ def _epoch(
     bar = tqdm(range(config.steps_per_epoch), desc=desc, disable=not progress)
     for _ in bar:
         images, labels, ref = sampler()
+        draws = sampler.reference_draws(len(model.heads.head_names), device)
         optimizer.zero_grad(set_to_none=True)
         if group.world > 1:
-            losses.append(rank_backward(ddp, images, labels, ref, runtime, group))
+            losses.append(rank_backward(ddp, images, labels, ref, runtime, group, draws))
         else:
             with runtime.autocast():  # the forward pass only; backward runs in the dtypes autocast chose
                 loss = train_step(
@@ -195,6 +217,7 @@ def _epoch(
                     runtime.input(to_input(images, device)),
                     torch.from_numpy(labels).to(device),
                     None if ref is None else runtime.input(to_input(ref, device)),
+                    draws=draws,
                 )
             loss.backward()
             losses.append(loss.item())

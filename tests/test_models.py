@@ -25,6 +25,19 @@ def test_deviation_loss_values():
     assert deviation_loss(s, y, margin=1.0).item() == pytest.approx((0.5 + 2.0 + 0.0 + 0.0) / 4)
 
 
+def test_deviation_loss_with_a_sampled_reference_standardises_by_its_mean_and_std():
+    s = torch.tensor([0.5, -2.0, 7.0, 1.0])
+    y = torch.tensor([0, 0, 1, 1])
+    r = torch.tensor([-1.0, 0.0, 3.0])  # mean 2/3, std sqrt(13/3) (unbiased, as torch.std and the official code)
+    dev = (s - 2 / 3) / (13 / 3) ** 0.5
+    expected = (dev[0].abs() + dev[1].abs() + (5 - dev[2]).clamp(min=0) + (5 - dev[3]).clamp(min=0)) / 4
+    assert deviation_loss(s, y, reference=r).item() == pytest.approx(expected.item(), rel=1e-6)
+    heads = DevNetHeads(8, topk=0.1, margin=5.0)
+    scores = s[:, None]
+    assert heads.loss(scores, y, reference=r[None]).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert heads.loss(scores, y).item() == pytest.approx(deviation_loss(s, y).item())
+
+
 def test_topk_mean_takes_the_largest_magnitudes():
     x = torch.zeros(1, 1, 4, 5)
     x[0, 0, 0, 0], x[0, 0, 1, 1] = -10.0, 4.0
@@ -114,6 +127,40 @@ def test_backbone_two_scales_and_errors():
         build_backbone("vgg")
     with pytest.raises(UserError, match="pretrained"):
         build_backbone("resnet18", "imagenet21k")
+
+
+def test_second_scale_resize_nearest_takes_every_second_pixel_and_reaches_the_checkpoint(tmp_path):
+    seen = []
+    net = lambda x: seen.append(x) or x.mean(dim=1, keepdim=True)  # noqa: E731  (a stand-in that records its input)
+    images = torch.rand(2, 3, 8, 8)
+    multiscale(net, images, 2, "nearest")
+    assert torch.equal(seen[1], images[:, :, ::2, ::2])  # F.interpolate's nearest: pixel floor(i * 2)
+    multiscale(net, images, 2)  # bilinear with antialiasing: a low-pass filter, smoother than the pixels kept
+    assert seen[3].shape == seen[1].shape and float(seen[3].std()) < 0.8 * float(seen[1].std())
+    with pytest.raises(UserError, match="backbone.resize must be one of bilinear, nearest; got 'bicubic'"):
+        BackboneConfig(name="efficientnet_lite0", resize="bicubic")
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    bb = BackboneConfig(name="efficientnet_lite0", pretrained="none", image_size=64, n_scales=2, resize="nearest")
+    cfg = BaseConfig(model="devnet", epochs=1, steps_per_epoch=1, batch_size=4)
+    ckpt = train_base(normals, normals[:2], bb, cfg, seed=0, device=torch.device("cpu"))
+    save_checkpoint(tmp_path / "m.pt", ckpt)
+    assert load_checkpoint(tmp_path / "m.pt").model.resize == "nearest"
+
+
+def test_sampled_deviation_reference_keeps_the_batches_and_changes_only_the_loss():
+    normals = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    standard = BatchSampler(normals, normals[:3], BaseConfig(model="dra", batch_size=12, n_ref=2), np.random.default_rng(1))
+    sampled_cfg = BaseConfig(model="dra", batch_size=12, n_ref=2, deviation_reference="sampled")
+    sampled = BatchSampler(normals, normals[:3], sampled_cfg, np.random.default_rng(1))
+    assert standard.reference_draws(4, "cpu") is None
+    for _ in range(3):
+        a, b = standard(), sampled()
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))  # the same batches: a paired comparison
+        draws = sampled.reference_draws(4, "cpu")
+        assert draws.shape == (4, 5000) and abs(float(draws.mean())) < 0.05 and abs(float(draws.std()) - 1) < 0.05
+    with pytest.raises(UserError, match="base.deviation_reference must be one of standard, sampled"):
+        BaseConfig(deviation_reference="drawn")
 
 
 def test_resnet18_without_cached_weights_says_where_to_put_them(tmp_path, monkeypatch):

@@ -450,3 +450,77 @@ def test_set_overrides_parse_yaml_values_and_refuse_malformed_pairs():
     }
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         run_mod.overrides(["base.grad_clip"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ablate.py: one params change at a time on kept runs
+
+
+def test_ablation_reruns_from_the_first_stage_that_reads_the_key_and_merges_new_params():
+    from benchmarks.parity import ablate
+
+    assert ablate.first_affected(ROOT, ["ahl.weighting"]) == "train_ahl"
+    assert ablate.first_affected(ROOT, ["features.pseudo_rotation", "threshold.target_fpr"]) == "features"
+    assert ablate.first_affected(ROOT, ["backbone.resize"]) == "train_base"
+    assert ablate.first_affected(ROOT, ["threshold.target_fpr"]) == "calibrate"
+    with pytest.raises(SystemExit, match="no stage .* reads nope.ahl.nope"):
+        ablate.first_affected(ROOT, ["nope.ahl.nope"])
+    assert ablate.stages_from(ROOT, "train_base", with_ahl=False) == ("selection", "train_base", "calibrate", "evaluate")
+    merged = ablate.merged_params({"seed": 0, "base": {"epochs": 10, "resize": "bilinear"}, "new": 1},
+                                  {"seed": 3, "base": {"epochs": 2}, "gone": 5})  # fmt: skip
+    assert merged == {"seed": 3, "base": {"epochs": 2, "resize": "bilinear"}, "new": 1}
+    assert ablate.parse_variants([["u", "ahl.weighting=uniform", "ahl.cdl=false"]]) == {
+        "u": {"ahl.weighting": "uniform", "ahl.cdl": False}}
+    for bad in (["u"], ["a=b", "c=d"], ["baseline", "seed=1"]):
+        with pytest.raises(SystemExit, match="--variant"):
+            ablate.parse_variants([bad])
+
+
+def _tree_digest(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).digest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}  # fmt: skip
+
+
+def test_ablation_of_a_kept_run_is_paired_and_leaves_the_run_untouched(tmp_path):
+    """A real (tiny) kept run of run.py, then ablate.py on it: an evaluation-only variant reruns evaluate alone on
+    the same data and model (the same AUC), a backbone variant retrains (another AUC), and the kept run's files
+    are unchanged."""
+    from benchmarks.parity import ablate
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    tiny = ["--set", "embedded.n_train=12", "--set", "embedded.n_test_good=6", "--set", "embedded.n_per_defect=3",
+            "--set", "embedded.image_size=64", "--set", "base.n_ref=2", "--set", "features.batch_size=8"]  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/parity/run.py"), "--sides", "ours", "--no-ahl", "--seeds", "0",
+         "--keep", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--steps", "1", "--batch", "6",
+         "--n-anomalies", "2", "--threads", "2", "--out", str(tmp_path / "parity"), *tiny],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    run = tmp_path / "parity" / "work" / "brick-dra-s0" / "ours"
+    before = _tree_digest(run)
+    out = tmp_path / "ablations"
+    code = ablate.main([str(run), "--variant", "batch", "evaluate.batch_size=5", "--variant", "nearest",
+                        "backbone.resize=nearest", "--no-ahl", "--threads", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    rows = {r["variant"]: r for r in csv.DictReader(open(out / "runs.csv")) if r["model"] == "base"}
+    kept = ablate.metrics_of(run, with_ahl=False)["base"]
+    assert float(rows["baseline"]["auc_roc"]) == kept["auc_roc"] and rows["baseline"]["stages"] == ""
+    assert rows["nearest"]["stages"] == "selection train_base calibrate evaluate"
+    assert rows["batch"]["stages"] == "selection evaluate"
+    assert float(rows["batch"]["auc_roc"]) == kept["auc_roc"]
+    assert float(rows["nearest"]["auc_roc"]) != pytest.approx(kept["auc_roc"], abs=1e-9)
+    batch = out / "work" / "brick-dra-s0" / "batch"
+    assert yaml_load(batch / "params.yaml")["evaluate"]["batch_size"] == 5
+    assert yaml_load(out / "work" / "brick-dra-s0" / "nearest" / "params.yaml")["backbone"]["resize"] == "nearest"
+    assert os.stat(batch / "data" / "split.json").st_ino == os.stat(run / "data" / "split.json").st_ino  # linked
+    assert "| nearest | base | 1 |" in (out / "summary.md").read_text()
+    assert _tree_digest(run) == before
+    assert ablate.main([str(tmp_path), "--variant", "x", "seed=1", "--out", str(out)]) == 2  # not a kept run
+
+
+def yaml_load(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -189,7 +189,7 @@ def official_ahl_row(a, seed: int, ours_dir: Path, work: Path, split: dict, env:
     return [{"side": "official AHL", "seconds": time.perf_counter() - start, **scores_metrics(split, scores)}]
 
 
-def one_seed(a, seed: int, official_root: Path, out: Path, env: dict) -> list[dict]:
+def one_seed(a, seed: int, official_root: Path | None, out: Path, env: dict) -> list[dict]:
     name = f"{a.label}-{a.model}-s{seed}"
     keep = a.keep
     work_parent = out / "work" if keep else Path(tempfile.mkdtemp(prefix=f"parity-{name}-"))
@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     a.label = f"{a.classname}-hard-{a.known_class}" if a.known_class else a.classname
     a.tag = f" [{', '.join(a.overrides)}]" if a.overrides else ""
     try:
-        official_root = check_checkout(a.model, a.official_dra if a.model == "dra" else a.official_devnet)
+        official_root = None  # only the official side needs its checkout
+        if "official" in a.sides:
+            official_root = check_checkout(a.model, a.official_dra if a.model == "dra" else a.official_devnet)
         if a.official_ahl is not None:
             check_checkout("ahl", a.official_ahl)
     except MissingCheckout as exc:
