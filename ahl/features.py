@@ -7,6 +7,7 @@ Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float1
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,7 +250,23 @@ def write_cache(
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
     index: dict = {"n_scales": len(reference), "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
-    with atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp, torch.no_grad():
+
+    def make(family: str, k: int, v: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
+        return [maker.make(family, i, rng) for i in range(len(normals))]
+
+    # The pseudo anomalies are made by one worker thread, family after family, while this thread runs the
+    # backbone over the real images and the families made before (NumPy and the backbone release the GIL).
+    # Each family has its own generator and only the worker touches the maker: the images do not depend on it.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudo")
+    stack = contextlib.ExitStack()
+    stack.callback(pool.shutdown, cancel_futures=True)  # an error stops the families not yet begun
+    with stack, atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp, torch.no_grad():
+        jobs = {
+            (family, v): pool.submit(make, family, k, v)
+            for k, family in enumerate(config.families)
+            for v in range(config.variants)
+        }
 
         def extract(name: str, images_of, labels, classes, files) -> None:
             _extract(model, images_of, len(labels), tmp, name, config, runtime, progress and group.is_main, group)
@@ -258,12 +275,10 @@ def write_cache(
         for name, (images, labels, classes, files) in splits.items():
             extract(name, lambda i, images=images: images[i], labels, classes, files)
         n = len(normals)
-        for k, family in enumerate(config.families):
-            for v in range(config.variants):
-                rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
-                made = [maker.make(family, i, rng) for i in range(n)]  # (N, S, S, 3) uint8
-                name = f"pseudo_{family}" if config.variants == 1 else f"pseudo_{family}@{v}"
-                extract(name, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
+        for (family, v), made in jobs.items():
+            name = f"pseudo_{family}" if config.variants == 1 else f"pseudo_{family}@{v}"
+            made = made.result()  # (N, S, S, 3) uint8
+            extract(name, lambda i, made=made: made[i], [2] * n, [family] * n, [""] * n)
         if tmp is None:  # not rank 0
             return
         for s, r in enumerate(reference):
