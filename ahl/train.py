@@ -52,6 +52,7 @@ class BaseConfig:
     grad_clip: float = 1.0  # max norm of the gradient (official DRA and DevNet); 0 = no clipping
     sampling: str = "cycle"  # official: each image once per pass in a fresh permutation | "replace": i.i.d. draws
     deviation_reference: str = "standard"  # dev = s (N(0, 1)'s own mean and std) | "sampled": official draws
+    reference_pseudo: float = 0.0  # DRA: probability that a reference image is a pseudo anomaly (official: 0.5)
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -64,8 +65,9 @@ class BaseConfig:
         one_of("base.deviation_reference", self.deviation_reference, ("standard", "sampled"))
         if self.topk > 1:
             raise UserError(f"params.yaml: base.topk = {self.topk} is a fraction of positions: use a value in (0, 1]")
-        if not 0 <= self.pseudo_prob <= 1:
-            raise UserError(f"params.yaml: base.pseudo_prob = {self.pseudo_prob} is a probability: use [0, 1]")
+        for name in ("pseudo_prob", "reference_pseudo"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"params.yaml: base.{name} = {getattr(self, name)} is a probability: use [0, 1]")
         if self.batch_size < 4:
             positive("base.batch_size - 3", self.batch_size - 3)
 
@@ -86,6 +88,12 @@ class _Indices:
         return out
 
 
+def _child(rng: np.random.Generator, k: int) -> np.random.Generator:
+    """The k-th independent stream derived from rng's seed (SeedSequence's spawn key), without drawing from rng."""
+    seq = rng.bit_generator.seed_seq
+    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, k)))
+
+
 class BatchSampler:
     """Balanced training batches drawn with one seeded numpy Generator."""
 
@@ -98,7 +106,11 @@ class BatchSampler:
         # either base.deviation_reference (a paired ablation).
         self.draw_rng = None
         if config.deviation_reference == "sampled":
-            self.draw_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+            self.draw_rng = _child(rng, 0)
+        # Pseudo anomalies among the reference images, from their own stream too (base.reference_pseudo).
+        self.reference_rng = None
+        if config.reference_pseudo > 0:
+            self.reference_rng = _child(rng, 1)
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images (B, H, W, 3) uint8, labels (B,), reference images (n_ref, H, W, 3) or None)."""
@@ -120,6 +132,11 @@ class BatchSampler:
         reference = None
         if spec.uses_reference:
             refs = self.normals[self.reference_idx.take(cfg.n_ref)]
+            if self.reference_rng is not None:  # the official reference loader is a training loader: it turns
+                refs = refs.copy()  # normals into CutMix pseudo anomalies with probability 0.5, as in the batch
+                for j in range(len(refs)):
+                    if self.reference_rng.random() < cfg.reference_pseudo:
+                        refs[j] = cutpaste(refs[j], self.reference_rng)
             reference = rotate(refs, cfg.rotation, cfg.rotation_interpolation, rng)
         return batch, np.asarray(labels, dtype=np.int64), reference
 

@@ -163,6 +163,24 @@ def test_sampled_deviation_reference_keeps_the_batches_and_changes_only_the_loss
         BaseConfig(deviation_reference="drawn")
 
 
+def test_reference_pseudo_turns_some_reference_normals_into_pseudo_anomalies_only():
+    """base.reference_pseudo: the official reference loader's CutMix pseudo anomalies among the reference images;
+    the batch itself and the draws of the other images are those of the default."""
+    normals = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    clean_cfg = BaseConfig(model="dra", batch_size=12, n_ref=4, rotation=0)
+    mixed_cfg = BaseConfig(model="dra", batch_size=12, n_ref=4, rotation=0, reference_pseudo=0.5)
+    clean = BatchSampler(normals, normals[:3], clean_cfg, np.random.default_rng(1))
+    mixed = BatchSampler(normals, normals[:3], mixed_cfg, np.random.default_rng(1))
+    changed = 0
+    for _ in range(10):
+        (a, la, ra), (b, lb, rb) = clean(), mixed()
+        assert np.array_equal(a, b) and np.array_equal(la, lb)
+        changed += sum(not np.array_equal(x, y) for x, y in zip(ra, rb))
+    assert 10 <= changed <= 30  # about half of the 40 reference images
+    with pytest.raises(UserError, match="base.reference_pseudo = 1.5 is a probability"):
+        BaseConfig(reference_pseudo=1.5)
+
+
 def test_resnet18_without_cached_weights_says_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     try:
