@@ -32,9 +32,13 @@ def aucs(labels: np.ndarray, unseen: np.ndarray, scores: np.ndarray) -> tuple[fl
 
 
 @torch.no_grad()
-def official_style_scores(model, test, normals, n_ref: int, batch: int, rotation: float, seed: int) -> np.ndarray:
+def official_style_scores(
+    model, test, normals, n_ref: int, batch: int, rotation: float, seed: int, pseudo: float = 0.0
+) -> np.ndarray:
     """Per test batch, the reference is the eval-mode mean feature of the next n_ref normals of a permutation cycle
-    of the training normals, each rotated by an angle in [-rotation, rotation] (nearest, as RandomRotation)."""
+    of the training normals, each rotated by an angle in [-rotation, rotation] (nearest, as RandomRotation), each
+    first turned into a CutPaste pseudo anomaly with probability ``pseudo`` (the official reference loader is a
+    training loader: 0.5)."""
     rng = np.random.default_rng(seed)
     order = []
     out = []
@@ -42,13 +46,17 @@ def official_style_scores(model, test, normals, n_ref: int, batch: int, rotation
         if len(order) < n_ref:
             order += rng.permutation(len(normals)).tolist()
         pick, order = order[:n_ref], order[n_ref:]
-        refs = ours.rotate(normals[pick], rotation, rng, "nearest")
+        refs = normals[pick].copy()
+        for j in range(len(refs)):
+            if pseudo > 0 and rng.random() < pseudo:  # no draw at 0: the same stream as without it
+                refs[j] = ours.cutpaste(refs[j], rng)
+        refs = ours.rotate(refs, rotation, rng, "nearest")
         reference = ours.reference_features(model, refs, torch.device("cpu"))
         out.append(ours.score_images(model, test[start : start + batch], reference, torch.device("cpu"), batch)[0])
     return np.concatenate(out)
 
 
-def one(work: Path, draws: int, batch: int) -> dict:
+def one(work: Path, draws: int, batch: int, pseudo: float = 0.0) -> dict:
     ckpt = ours.load_checkpoint(work / "models" / "base.pt")
     if not ckpt.model.heads.uses_reference:
         raise SystemExit(f"{work}: {ckpt.meta['model']} has no reference set (DRA only)")
@@ -62,7 +70,7 @@ def one(work: Path, draws: int, batch: int) -> dict:
     fixed = aucs(labels, unseen, ours.score_images(ckpt.model, test, ckpt.reference, torch.device("cpu"), batch)[0])
     n_ref, rotation = ckpt.meta["base"]["n_ref"], ckpt.meta["base"]["rotation"]
     drawn = np.array([
-        aucs(labels, unseen, official_style_scores(ckpt.model, test, normals, n_ref, batch, rotation, seed))
+        aucs(labels, unseen, official_style_scores(ckpt.model, test, normals, n_ref, batch, rotation, seed, pseudo))
         for seed in range(draws)
     ])  # fmt: skip
     return {"work": str(work), "fixed": fixed, "drawn": drawn}
@@ -73,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("work", type=Path, nargs="+")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--batch", type=int, default=24, help="the official test batch size (its --batch_size)")
+    p.add_argument("--pseudo", type=float, default=0.0,
+                   help="probability that a drawn reference image is a pseudo anomaly (the official loader: 0.5)")
     a = p.parse_args(argv)
     print("| run | AUC-ROC fixed ref (ours) | AUC-ROC per-batch rotated refs (official) | unseen fixed | unseen official |")
     print("|---|---|---|---|---|")
     for work in a.work:
-        r = one(work, a.draws, a.batch)
+        r = one(work, a.draws, a.batch, a.pseudo)
         d = r["drawn"]
 
         def ms(col):
