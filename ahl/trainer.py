@@ -69,6 +69,9 @@ class AHLConfig:
     # comparisons with it; the weights have the same shapes, so the base model's heads still initialise it.
     official_geometry: bool = False
     query_batches: int = 1  # query batches per task whose mean loss is L_query(phi_i)
+    # "same": every round of inner steps goes over the same steps_per_epoch support batches; "fresh": each round
+    # draws new ones (the official code re-iterates its sampler, which continues its permutation cycle)
+    support_rounds: str = "same"
     eval_batch_size: int = 64
     hadg: HADGConfig = field(default_factory=HADGConfig)
 
@@ -88,6 +91,7 @@ class AHLConfig:
         if self.batch_size < 3:
             raise UserError(f"params.yaml: ahl.batch_size = {self.batch_size}: needs room for normal, seen and pseudo")
         one_of("ahl.init", self.init, ("base", "random"))
+        one_of("ahl.support_rounds", self.support_rounds, ("same", "fresh"))
         one_of("ahl.weighting", self.weighting, WEIGHTINGS)
 
     def to_dict(self) -> dict:
@@ -232,7 +236,7 @@ class AHLTrainer:
         last: bool,
     ) -> tuple[np.ndarray | None, float]:
         """One outer step: per task i, phi_i <- update_step rounds of inner steps over its support batches (the
-        same batches in every round, drawn once), then w_i * L_query(phi_i) into theta_g's .grad; then one
+        same batches in every round, drawn once; or fresh ones per round, ``support_rounds``), then w_i * L_query(phi_i) into theta_g's .grad; then one
         clipped Adam step. Fills the per-task losses; returns (psi's pool scores of the phi_i when ``last``, the
         norm of the outer gradient before clipping)."""
         c, heads = self.config, self.heads
@@ -241,16 +245,23 @@ class AHLTrainer:
         n_batches = c.steps_per_epoch // c.outer_steps_per_epoch
         pool_scores = np.zeros((len(self.pool), len(self.tasks)), dtype=np.float32) if last else None
         split = TaskSplit(self.group, heads, len(self.tasks))  # tasks over ranks (ahl/distributed.py)
+        fresh = c.support_rounds == "fresh"
         for i, task in enumerate(self.tasks):
-            batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n_batches)
+            n_drawn = n_batches * (c.update_step if fresh else 1)
+            batches = self._batches(task.support_normals, task.support_anomalies, task.support_family, n_drawn)
             queries = self._batches(task.query_normals, task.query_anomalies, task.query_family, c.query_batches)
             if not split.begin(i):  # another rank's task: its batches were drawn all the same (one stream)
                 continue
-            # each support batch is gathered once and kept for the update_step rounds (0.5 GB of float32 at the
-            # papers' shapes; bench_ahl.py: a gather costs 6 ms, 4 % of an inner step at the official geometry)
-            support = [self.store.batch(b, split_of) for b in batches]
+            if fresh:  # every round its own batches, gathered when used
+                rounds = (self.store.batch(b, split_of) for b in batches)
+            else:
+                # each support batch is gathered once and kept for the update_step rounds (0.5 GB of float32 at
+                # the papers' shapes; bench_ahl.py: a gather costs 6 ms, 4 % of an inner step at the official
+                # geometry)
+                support = [self.store.batch(b, split_of) for b in batches]
+                rounds = (batch for _ in range(c.update_step) for batch in support)
             phi, losses, query_losses[i] = task_meta_gradient(
-                heads, theta, buffers, (batch for _ in range(c.update_step) for batch in support),
+                heads, theta, buffers, rounds,
                 (self.store.batch(b, split_of) for b in queries), len(queries), self.reference,
                 weight=float(weights[i]), inner_lr=c.inner_lr, second_order=c.second_order, autocast=self.autocast,
             )  # fmt: skip

@@ -392,6 +392,19 @@ def test_ablations_run(cache, change):
     assert scores.shape == (40,) and np.isfinite(scores).all()
 
 
+def test_fresh_support_rounds_draw_new_batches_and_equal_same_with_one_round(cache):
+    """ahl.support_rounds: fresh (the official sampler's behaviour) changes the run; with a single round there is
+    nothing to redraw, and it is the same run as "same"."""
+    runs = {}
+    for rounds, update_step in (("same", 1), ("fresh", 1), ("same", 2), ("fresh", 2)):
+        config = dataclasses.replace(FAST, epochs=2, update_step=update_step, support_rounds=rounds)
+        runs[rounds, update_step] = _strip(train(cache, make_heads(), config, seed=0)[0].history)
+    assert runs["same", 1] == runs["fresh", 1]
+    assert runs["same", 2] != runs["fresh", 2]
+    with pytest.raises(UserError, match="ahl.support_rounds must be one of same, fresh"):
+        AHLConfig(support_rounds="new")
+
+
 def test_devnet_heads_train(cache):
     result, _ = train(cache, make_heads("devnet"), LEARN, seed=0)
     assert result.history[-1]["test_auc_roc"] > 0.8
