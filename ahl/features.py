@@ -7,9 +7,9 @@ Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float1
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,19 @@ def _extract(
         a.flush()
 
 
+def _make_pseudo(pool: ThreadPoolExecutor, maker: PseudoAnomalyMaker, n: int, config: CacheConfig, seed: int) -> dict:
+    """{(family, variant): future of its n pseudo anomalies (uint8 images)}, made by ``pool``'s one worker thread,
+    family after family, while the caller runs the backbone over the real images and the families made before
+    (NumPy and the backbone release the GIL). Each family has its own generator and only the worker touches the
+    maker, so the images do not depend on the thread."""
+
+    def make(family: str, k: int, v: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
+        return [maker.make(family, i, rng) for i in range(n)]
+
+    return {(f, v): pool.submit(make, f, k, v) for k, f in enumerate(config.families) for v in range(config.variants)}
+
+
 def write_cache(
     out: str | Path,
     model,  # ahl.model.AnomalyModel, frozen (eval mode)
@@ -250,23 +263,11 @@ def write_cache(
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
     index: dict = {"n_scales": len(reference), "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}
-
-    def make(family: str, k: int, v: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([seed, k, v])  # one stream per family and variant
-        return [maker.make(family, i, rng) for i in range(len(normals))]
-
-    # The pseudo anomalies are made by one worker thread, family after family, while this thread runs the
-    # backbone over the real images and the families made before (NumPy and the backbone release the GIL).
-    # Each family has its own generator and only the worker touches the maker: the images do not depend on it.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudo")
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudo")  # _make_pseudo's worker
     stack = contextlib.ExitStack()
     stack.callback(pool.shutdown, cancel_futures=True)  # an error stops the families not yet begun
     with stack, atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp, torch.no_grad():
-        jobs = {
-            (family, v): pool.submit(make, family, k, v)
-            for k, family in enumerate(config.families)
-            for v in range(config.variants)
-        }
+        jobs = _make_pseudo(pool, maker, len(normals), config, seed)
 
         def extract(name: str, images_of, labels, classes, files) -> None:
             _extract(model, images_of, len(labels), tmp, name, config, runtime, progress and group.is_main, group)

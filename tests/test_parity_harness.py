@@ -485,8 +485,8 @@ def _tree_digest(folder: Path) -> dict[str, bytes]:
 
 def test_ablation_of_a_kept_run_is_paired_and_leaves_the_run_untouched(tmp_path):
     """A real (tiny) kept run of run.py, then ablate.py on it: an evaluation-only variant reruns evaluate alone on
-    the same data and model (the same AUC), a backbone variant retrains (another AUC), and the kept run's files
-    are unchanged."""
+    the same data and model (the same AUC), and the kept run's files are unchanged. (A retraining variant runs
+    the same code from train_base: stages_from above; it is left out here for the suite's time.)"""
     from benchmarks.parity import ablate
 
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -501,21 +501,18 @@ def test_ablation_of_a_kept_run_is_paired_and_leaves_the_run_untouched(tmp_path)
     run = tmp_path / "parity" / "work" / "brick-dra-s0" / "ours"
     before = _tree_digest(run)
     out = tmp_path / "ablations"
-    code = ablate.main([str(run), "--variant", "batch", "evaluate.batch_size=5", "--variant", "nearest",
-                        "backbone.resize=nearest", "--no-ahl", "--threads", "2", "--out", str(out)])  # fmt: skip
+    code = ablate.main([str(run), "--variant", "batch", "evaluate.batch_size=5", "--no-ahl", "--threads", "2",
+                        "--out", str(out)])  # fmt: skip
     assert code == 0
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "runs.csv")) if r["model"] == "base"}
     kept = ablate.metrics_of(run, with_ahl=False)["base"]
     assert float(rows["baseline"]["auc_roc"]) == kept["auc_roc"] and rows["baseline"]["stages"] == ""
-    assert rows["nearest"]["stages"] == "selection train_base calibrate evaluate"
     assert rows["batch"]["stages"] == "selection evaluate"
     assert float(rows["batch"]["auc_roc"]) == kept["auc_roc"]
-    assert float(rows["nearest"]["auc_roc"]) != pytest.approx(kept["auc_roc"], abs=1e-9)
     batch = out / "work" / "brick-dra-s0" / "batch"
     assert yaml_load(batch / "params.yaml")["evaluate"]["batch_size"] == 5
-    assert yaml_load(out / "work" / "brick-dra-s0" / "nearest" / "params.yaml")["backbone"]["resize"] == "nearest"
     assert os.stat(batch / "data" / "split.json").st_ino == os.stat(run / "data" / "split.json").st_ino  # linked
-    assert "| nearest | base | 1 |" in (out / "summary.md").read_text()
+    assert "| batch | base | 1 |" in (out / "summary.md").read_text()
     assert _tree_digest(run) == before
     assert ablate.main([str(tmp_path), "--variant", "x", "seed=1", "--out", str(out)]) == 2  # not a kept run
 
