@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.parity.run import (
     METRICS,
+    copy_project,
     edit_params,
     overrides,
     pipeline_stages,
@@ -102,12 +103,7 @@ def prepare(run: Path, project: Path, work: Path, changes: dict[str, object], li
     skip = shutil.ignore_patterns(*CODE_PARTS, "data", "__pycache__", "*.tmp*")
     shutil.copytree(run, work, ignore=skip)
     shutil.copytree(run / "data", work / "data", copy_function=os.link if link_data else shutil.copy2)
-    for part in CODE_PARTS:
-        src = project / part
-        if src.is_dir():
-            shutil.copytree(src, work / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, work / part)
+    copy_project(project, work, CODE_PARTS)
     params = merged_params(yaml.safe_load((project / "params.yaml").read_text()),
                            yaml.safe_load((run / "params.yaml").read_text()))  # fmt: skip
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

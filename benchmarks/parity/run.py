@@ -41,9 +41,9 @@ PROJECT_PARTS = ("ahl", "stages", "params.yaml", "dvc.yaml")
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
 
 
-def copy_project(project: Path, work: Path) -> None:
+def copy_project(project: Path, work: Path, parts: tuple[str, ...] = PROJECT_PARTS) -> None:
     """The stage scripts and the library they import, plus params.yaml: all a pipeline run needs."""
-    for part in PROJECT_PARTS:
+    for part in parts:
         src = project / part
         if not src.exists():
             raise FileNotFoundError(f"{src} missing: --project must be a checkout of this project")
