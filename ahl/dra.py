@@ -59,7 +59,7 @@ class CompositeHead(nn.Module):
         """conv(reference - x) -> BatchNorm -> ReLU: x (B, C, H, W), reference (C, H, W) (the mean feature of the
         reference normals at this scale) -> (B, C, H', W'), channels_last."""
         conv, norm, relu = self.conv
-        return relu(norm(conv_as_matmul(reference[None] - x, conv)))
+        return relu(norm(conv_as_matmul(x, conv, reference)))
 
     def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return self.patch(self.residual(x, reference))

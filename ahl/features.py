@@ -16,10 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ahl.augment import _as_rgb, _resize, cutmix, cutpaste, rotate
 from ahl.backbones import to_input
 from ahl.distributed import SINGLE, Group
-from ahl.draem import anomaly_sources, draem
 from ahl.errors import UserError
 from ahl.io import atomic_dir, read_json, write_json
 from ahl.runtime import Runtime, plain
@@ -107,7 +105,11 @@ def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
 # Writing the cache
 @dataclass
 class PseudoAnomalyMaker:
-    """Makes pseudo anomalies of the normal training images in each of the AHL families."""
+    """Makes pseudo anomalies of the normal training images in each of the AHL families.
+
+    ahl.augment and ahl.draem (torchvision, which takes seconds to import) are imported by the methods that make
+    images, so the stages that only read the cache (train_ahl, calibrate, evaluate) do not pay for them.
+    """
 
     normals: Sequence[np.ndarray]  # N images (H, W, 3) uint8, or an (N, H, W, 3) array
     sources: Sequence[np.ndarray] | None = None  # DRAEM texture pool; None -> anomaly_sources(None)
@@ -115,6 +117,8 @@ class PseudoAnomalyMaker:
 
     def __post_init__(self) -> None:
         if self.sources is None:
+            from ahl.draem import anomaly_sources
+
             self.sources = anomaly_sources(None)
         self._stretched: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -124,6 +128,8 @@ class PseudoAnomalyMaker:
         key = (k, height, width)
         if key in self._stretched:
             return self._stretched[key]
+        from ahl.augment import _as_rgb, _resize
+
         stretched = _resize(_as_rgb(self.sources[k]), height, width)
         if isinstance(self.sources, list):
             self._stretched[key] = stretched
@@ -131,6 +137,9 @@ class PseudoAnomalyMaker:
 
     def make(self, family: str, index: int, rng: np.random.Generator) -> np.ndarray:
         """Pseudo anomaly of normal ``index`` in ``family`` (one of FAMILIES), as (H, W, 3) uint8."""
+        from ahl.augment import cutmix, cutpaste, rotate
+        from ahl.draem import draem
+
         n = len(self.normals)
         if not 0 <= index < n:
             raise IndexError(f"normal index {index} out of range for {n} normal images")
@@ -260,6 +269,8 @@ def write_cache(
     model.eval()
     runtime.prepare(model.backbone)
     normals = splits["train_normal"][0]
+    from ahl.draem import anomaly_sources
+
     sources = anomaly_sources(Path(config.dtd_dir) if config.dtd_dir else None) if "draem" in config.families else []
     maker = PseudoAnomalyMaker(list(normals), sources, rotation=config.pseudo_rotation)
     index: dict = {"n_scales": len(reference), "dtype": config.dtype, "splits": {}, "meta": dict(meta or {})}

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from ahl.errors import UserError
 from ahl.heads import NORMAL, PSEUDO, SEEN
@@ -86,6 +85,8 @@ def cluster_normals(train_normal_features: np.ndarray, config: HADGConfig, seed:
             f"HADG: {len(x)} train normals cannot form ahl.hadg.n_clusters = {config.n_clusters} clusters; "
             "lower n_clusters"
         )
+    from sklearn.cluster import KMeans  # on first use: scipy takes seconds to load
+
     assignment = KMeans(n_clusters=config.n_clusters, n_init=10, random_state=seed).fit_predict(x)
     clusters = [np.flatnonzero(assignment == c) for c in range(config.n_clusters)]
     if config.random_clusters:

@@ -29,7 +29,7 @@ def topk_mean(x: torch.Tensor, rate: float) -> torch.Tensor:
     return torch.topk(x, k, dim=1).values.mean(dim=1)
 
 
-def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, reference: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x)`` as one matrix product of x's patches with the kernel when the kernel's windows do not overlap
     (stride >= kernel size: the 1 x 1 patch heads, the official geometry's stride-3 composite conv); else
     ``conv(x)`` itself. Equal to the convolution within float rounding (~1e-7 relative in float32).
@@ -41,28 +41,37 @@ def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     oneDNN's own kernels are faster than im2col + GEMM (measured: a DRA inner step 1.30 s vs 1.59 s), so they
     stay convolutions. Scoring (no gradient) stays a convolution too: a matrix product's rounding depends on the
     number of rows, and a score must not depend on the batch it was scored in (evaluate.batch_size).
+    With ``reference`` (C, H, W), ``conv(reference - x)``: the matrix product's path subtracts while it gathers
+    the patches, so no (B, C, H, W) difference is made (DRA's composite head; the same values as subtracting first).
     -> (B, O, H', W') in channels_last memory format.
     """
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
     if not plain or isinstance(conv.padding, str) or sh < kh or sw < kw or not torch.is_grad_enabled():
-        return conv(x)
+        return conv(x if reference is None else reference[None] - x)
     b, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous for channels_last x
+    ref = None if reference is None else reference.permute(1, 2, 0)[None]  # (1, H, W, C)
     if ph or pw:
         rows = nn.functional.pad(rows, (0, 0, pw, pw, ph, ph))
+        ref = None if ref is None else nn.functional.pad(ref, (0, 0, pw, pw, ph, ph))
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def window(t: torch.Tensor, i: int, j: int) -> torch.Tensor:  # (B or 1, H', W', C): offset (i, j) of each patch
+        return t[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+
+    def patch(i: int, j: int) -> torch.Tensor:
+        return window(rows, i, j) if ref is None else window(ref, i, j) - window(rows, i, j)
+
     if kh * kw == 1:  # the rows (every sh-th, sw-th) are the patches
-        patches = rows[:, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw]
-    else:
-        patches = torch.stack(
-            [
-                rows[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
-                for i in range(kh)
-                for j in range(kw)
-            ],
-            dim=3,
-        )  # (B, H', W', kh * kw, C)
+        patches = patch(0, 0)
+    elif ref is None or rows.requires_grad or ref.requires_grad:  # (out= below has no autograd)
+        patches = torch.stack([patch(i, j) for i in range(kh) for j in range(kw)], dim=3)  # (B, H', W', k*k, C)
+    else:  # AHL: cached features, so no gradient to x
+        patches = rows.new_empty(b, ho, wo, kh * kw, c)
+        for i in range(kh):
+            for j in range(kw):
+                torch.sub(window(ref, i, j), window(rows, i, j), out=patches[:, :, :, i * kw + j])
     kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, kh * kw * c)  # (O, kh * kw * C)
     out = patches.reshape(b * ho * wo, kh * kw * c) @ kernel.t()
     if conv.bias is not None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ahl.config import at_least
 
@@ -21,6 +20,8 @@ class EvaluateConfig:
 
 def auc_roc_pr(labels: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:
     """Image AUC-ROC and AUC-PR (any non-zero label is anomalous); None when only one class is present."""
+    from sklearn.metrics import average_precision_score, roc_auc_score  # on first use: scipy takes seconds to load
+
     labels = (np.asarray(labels) != 0).astype(int)
     if labels.min() == labels.max():
         return None
@@ -48,7 +49,7 @@ def compute_metrics(
             out[f"{name}_auc_roc"] = res["auc_roc"]
             out[f"{name}_auc_pr"] = res["auc_pr"]
     out["per_class_auc_roc"] = {
-        str(c): float(roc_auc_score(labels[normal | (classes == c)], scores[normal | (classes == c)]))
+        str(c): auc_roc_pr(labels[normal | (classes == c)], scores[normal | (classes == c)])["auc_roc"]
         for c in sorted(set(classes[labels == 1]))
     }
     out["n_test"] = {"normal": int(normal.sum()), "seen": int((~normal & seen).sum()), "unseen": int((~normal & ~seen).sum())}

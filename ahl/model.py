@@ -126,6 +126,18 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     return Checkpoint(model, [r.to(device) for r in blob["reference"]], meta)
 
 
+def load_base_heads(path: str | Path) -> tuple[ScoringHeads, dict]:
+    """The base model's scoring heads and meta without its backbone (so without timm or torchvision, which take
+    seconds to import): what AHL, which trains on cached features, starts from. Same weights as
+    ``load_checkpoint(path).model.heads``."""
+    blob = _load(Path(path), "train_base")
+    meta = blob["meta"]
+    in_channels = int(blob["reference"][0].shape[0])  # the reference is (C, H, W) per scale
+    heads = build_heads(meta["model"], in_channels, topk=meta["topk"], margin=meta["margin"])
+    heads.load_state_dict({k.removeprefix("heads."): v for k, v in blob["state_dict"].items() if k.startswith("heads.")})
+    return heads.eval(), meta
+
+
 # AHL's output: scoring heads only (they run on the base model's cached features).
 def save_heads(path: str | Path, heads: ScoringHeads, meta: dict) -> None:
     """Save trained heads with what is needed to rebuild them: model, in_channels, topk, margin, members."""

@@ -31,7 +31,8 @@ from ahl.features import as_cached
 from ahl.io import atomic_path, read_json
 from ahl.localize import PatchMaps, overlay, patch_maps, upsample
 from ahl.model import load_checkpoint, load_heads
-from ahl.runtime import resolve_device, setup_logging, show_progress
+from ahl.console import setup_logging, show_progress
+from ahl.runtime import resolve_device
 
 log = logging.getLogger("ahl.predict")
 BASE, AHL, THRESHOLDS = "models/base.pt", "models/ahl.pt", "models/thresholds.json"

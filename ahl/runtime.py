@@ -1,4 +1,4 @@
-"""Run-time choices passed explicitly (never global): the device, its numeric settings, progress bars, logging.
+"""Run-time choices passed explicitly (never global): the device and its numeric settings.
 
 ``RuntimeConfig`` is params.yaml's ``runtime`` section: bfloat16 autocast, channels_last, torch.compile and the
 determinism switches. ``Runtime`` is that section resolved for one device; library functions take it as an
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -134,15 +133,3 @@ def seeded(seed: int) -> Iterator[None]:
         torch.manual_seed(seed)
         yield
 
-
-def show_progress() -> bool:
-    """Progress bars only for a person watching a terminal (not in tests, CI logs or pipes)."""
-    return sys.stderr.isatty()
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )

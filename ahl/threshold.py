@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 
 from ahl import provenance
 from ahl.config import at_least
@@ -64,7 +63,8 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     """Counts, precision, recall, F1 and FPR of ``score > threshold`` (None where a rate has no denominator)."""
     labels = np.asarray(labels) != 0
     predicted = np.asarray(scores, dtype=np.float64) > threshold
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[False, True]).ravel())
+    tp, fp = int((predicted & labels).sum()), int((predicted & ~labels).sum())
+    fn, tn = int(labels.sum()) - tp, int((~labels).sum()) - fp
 
     def rate(num: int, den: int) -> float | None:
         return num / den if den else None

@@ -20,7 +20,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ahl.augment import cutpaste, rotate
 from ahl.backbones import to_input
 from ahl.config import at_least, one_of, positive
 from ahl.distributed import SINGLE, Group
@@ -114,6 +113,8 @@ class BatchSampler:
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images (B, H, W, 3) uint8, labels (B,), reference images (n_ref, H, W, 3) or None)."""
+        from ahl.augment import cutpaste, rotate  # torchvision: here, so that stage selection starts fast
+
         cfg, rng = self.config, self.rng
         spec = get_model(cfg.model)
         n_norm = int(cfg.batch_size * (1 - spec.anomaly_share))  # the official 2B // 3 (DRA), B // 2 (DevNet)

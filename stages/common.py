@@ -10,17 +10,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python stages/x.py` puts stages/ on the path, not the project root
     sys.path.insert(0, str(ROOT))
 
 from ahl.config import check_keys, from_params, load_yaml  # noqa: E402
+from ahl.console import setup_logging  # noqa: E402
 from ahl.errors import UserError  # noqa: E402
-from ahl.runtime import Runtime, RuntimeConfig, configure_determinism, resolve_device, setup_logging  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    from ahl.runtime import Runtime
 
 log = logging.getLogger("stage")
 T = TypeVar("T")
@@ -69,7 +72,10 @@ class Params:
     def runtime(self, device: torch.device | None = None) -> Runtime:
         """The device (``device``, e.g. this rank's under torchrun, else params.yaml's) and its runtime section
         (autocast, channels_last, compile), with the process-wide determinism switches applied; a stage that
-        computes on the device calls this once."""
+        computes on the device calls this once. torch is imported here, not at the top: the data stages
+        (local_manifest, download, convert, split) do not need it, and importing it takes seconds."""
+        from ahl.runtime import Runtime, RuntimeConfig, configure_determinism, resolve_device
+
         config = self.section("runtime", RuntimeConfig)
         configure_determinism(config)
         return Runtime.resolve(device if device is not None else resolve_device(self.device), config)

@@ -6,7 +6,7 @@ from ahl.data.download import DataConfig, obtain
 from ahl.data.embedded import EmbeddedConfig
 from ahl.data.datasets import get_source, selected_dataset
 from ahl.io import read_json
-from ahl.runtime import show_progress
+from ahl.console import show_progress
 
 SELECTION, LOCAL, RAW = "data/selection.json", "data/local.json", "data/raw"
 

@@ -4,8 +4,11 @@ DVC plots), results/report.html."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
+from PIL import Image
 from common import ROOT, Params, run
 from live import live
 
@@ -84,9 +87,9 @@ def main(params: Params) -> None:
             logger.log_sklearn_plot("precision_recall", labels, s, name=f"pr/{key}", drop_intermediate=True)
         test = {"labels": labels, "seen": seen, "files": table["file"], "images": images, "classname": split.classname}
         figures = report_figures(test, scores, heat, metrics, names, masks)
-        for name, figure in figures.items():
-            logger.log_image(f"{name}.png", figure)
         pngs = {name: png_bytes(figure) for name, figure in figures.items()}  # (closes the figures)
+        for name, png in pngs.items():  # rendered once: for the report and for `dvc plots`
+            logger.log_image(f"{name}.png", Image.open(io.BytesIO(png)))
         with atomic_path(ROOT / SCORES) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6g")
     write_text(ROOT / REPORT, report_html(f"{split.classname}: evaluation", metrics, names, pngs))

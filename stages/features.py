@@ -11,7 +11,8 @@ from ahl.features import CacheConfig, write_cache
 from ahl.io import read_json
 from ahl.model import load_checkpoint
 from ahl import provenance
-from ahl.runtime import resolve_device, show_progress
+from ahl.console import show_progress
+from ahl.runtime import resolve_device
 
 DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
 

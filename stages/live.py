@@ -54,10 +54,10 @@ class _Plain:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({kind: [{k: float(v) for k, v in q.items()} for q in points]}, indent=4) + "\n")
 
-    def log_image(self, name: str, figure) -> None:
+    def log_image(self, name: str, image) -> None:  # a PIL image
         path = self.dir / "plots" / "images" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        image.save(path)
 
     def end(self) -> None:
         for name, rows in self._series.items():

@@ -16,8 +16,9 @@ from ahl import provenance
 from ahl.distributed import DistributedConfig, process_group, relaunch
 from ahl.features import INDEX, load_cache
 from ahl.metrics import auc_roc_pr
-from ahl.model import load_checkpoint, save_heads
-from ahl.runtime import resolve_device, show_progress
+from ahl.model import load_base_heads, save_heads
+from ahl.console import show_progress
+from ahl.runtime import resolve_device
 from ahl.scoring import score_features
 from ahl.model import initial_heads
 from ahl.trainer import AHLConfig, train_ahl
@@ -29,11 +30,11 @@ def main(params: Params) -> None:
     relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
     config = params.section("ahl", AHLConfig)
     cache = load_cache(ROOT / CACHE)
-    base = load_checkpoint(ROOT / BASE, "cpu")
+    base_heads, base_meta = load_base_heads(ROOT / BASE)
     provenance.check(CACHE, cache.meta.get("inputs"), "python stages/features.py", base=ROOT / BASE)
-    model = base.meta["model"]
+    model = base_meta["model"]
     sizes = [tuple(x.shape[-2:]) for x in cache.test.scales]
-    heads = initial_heads(base.model.heads, model, config.official_geometry, sizes)
+    heads = initial_heads(base_heads, model, config.official_geometry, sizes)
     with process_group(resolve_device(params.device)) as (group, device):
         runtime = params.runtime(device)
         if group.is_main:

@@ -10,7 +10,8 @@ from ahl.distributed import DistributedConfig, process_group, relaunch
 from ahl.io import read_json
 from ahl.model import BackboneConfig, save_checkpoint
 from ahl.provenance import inputs
-from ahl.runtime import resolve_device, show_progress
+from ahl.console import show_progress
+from ahl.runtime import resolve_device
 from ahl.train import BaseConfig, train_base
 
 DATA, SPLIT, OUT = "data/mvtec", "data/split.json", "models/base.pt"

@@ -25,3 +25,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """The tiny pipeline (tests/test_pipeline.py TINY) after its first `dvc repro`, committed; and that repro's
+    stdout. Built once: the tests that need a reproduced pipeline work on copies of it (``Repo.copy``)."""
+    from test_pipeline import Repo, tiny_params
+
+    repo = Repo(tmp_path_factory.mktemp("reproduced") / "repo", tiny_params())
+    first = repo.dvc("repro")
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "reproduced")
+    return repo, first.stdout

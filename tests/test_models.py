@@ -12,7 +12,7 @@ from ahl.dra import DRAHeads
 from ahl.errors import UserError
 from ahl.heads import conv_as_matmul, topk_mean
 from ahl.losses import deviation_loss
-from ahl.model import BackboneConfig, load_checkpoint, save_checkpoint
+from ahl.model import BackboneConfig, load_base_heads, load_checkpoint, save_checkpoint
 from ahl.train import BaseConfig, BatchSampler, train_base
 
 
@@ -80,7 +80,6 @@ def test_dra_needs_reference_and_official_geometry_shrinks_the_map():
     assert official.composite_head.conv(x).shape[-1] == 4 and heads.composite_head.conv(x).shape[-1] == 14
 
 
-
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 3, 0), (3, 3, 1), (3, 4, 0), (1, 1, 0), (1, 2, 0), (3, 1, 1)])
 def test_conv_as_matmul_equals_the_convolution_and_its_gradients(kernel, stride, padding, channels_last):
@@ -108,6 +107,42 @@ def test_conv_as_matmul_equals_the_convolution_and_its_gradients(kernel, stride,
     grouped = torch.nn.Conv2d(16, 8, 3, padding=1, groups=2).double()
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
     assert torch.equal(conv_as_matmul(x, grouped), grouped(x))
+    # with a reference: conv(reference - x), the difference taken while the patches are gathered, bitwise the same
+    # values as subtracting first (x without gradient, as AHL's cached features; and with one)
+    reference = torch.randn(16, 14, 14, dtype=torch.float64)
+    for x in (
+        torch.randn(3, 16, 14, 14, dtype=torch.float64),
+        torch.randn(3, 16, 14, 14, dtype=torch.float64).requires_grad_(),
+    ):
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        assert torch.equal(conv_as_matmul(x, conv, reference), conv_as_matmul(reference[None] - x, conv))
+        with torch.no_grad():
+            assert torch.equal(conv_as_matmul(x, conv, reference), conv(reference[None] - x))
+
+
+@pytest.mark.parametrize("official_geometry", [True, False])
+def test_composite_residual_in_training_is_the_convolution_of_the_difference(official_geometry):
+    """The composite head's conv(reference - x) -> BatchNorm -> ReLU in training (official geometry: the difference
+    taken while the patches are gathered) equals that of the plain convolution, outputs and gradients (float64);
+    scoring (no gradient) computes conv(reference - x) itself, bitwise."""
+    from ahl.dra import CompositeHead
+
+    torch.manual_seed(0)
+    head = CompositeHead(16, official_geometry=official_geometry).double()
+    x = torch.randn(4, 16, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    reference = torch.randn(16, 14, 14, dtype=torch.float64)
+    conv, norm, relu = head.conv
+    got = head.residual(x, reference)
+    expected = relu(norm(conv(reference[None] - x)))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    wrt = [conv.weight, conv.bias, norm.weight]
+    for a, b in zip(torch.autograd.grad(got, wrt, grad), torch.autograd.grad(expected, wrt, grad)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    head.eval()
+    with torch.no_grad():
+        assert torch.equal(head.residual(x, reference), relu(norm(conv(reference[None] - x))))
+
 
 def test_devnet_head():
     heads = DevNetHeads(8, topk=0.1, margin=5.0)
@@ -150,7 +185,9 @@ def test_second_scale_resize_nearest_takes_every_second_pixel_and_reaches_the_ch
 
 def test_sampled_deviation_reference_keeps_the_batches_and_changes_only_the_loss():
     normals = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
-    standard = BatchSampler(normals, normals[:3], BaseConfig(model="dra", batch_size=12, n_ref=2), np.random.default_rng(1))
+    standard = BatchSampler(
+        normals, normals[:3], BaseConfig(model="dra", batch_size=12, n_ref=2), np.random.default_rng(1)
+    )
     sampled_cfg = BaseConfig(model="dra", batch_size=12, n_ref=2, deviation_reference="sampled")
     sampled = BatchSampler(normals, normals[:3], sampled_cfg, np.random.default_rng(1))
     assert standard.reference_draws(4, "cpu") is None
@@ -200,7 +237,9 @@ def test_batches_are_balanced_and_seeded():
     assert (labels == 1).sum() == 4 and set(labels[:8]) <= {0, 2}
     again = BatchSampler(normals, anomalies, cfg, np.random.default_rng(1))()
     assert np.array_equal(images, again[0]) and np.array_equal(labels, again[1])
-    _, dev_labels, dev_ref = BatchSampler(normals, anomalies, BaseConfig(model="devnet", batch_size=12), np.random.default_rng(1))()
+    _, dev_labels, dev_ref = BatchSampler(
+        normals, anomalies, BaseConfig(model="devnet", batch_size=12), np.random.default_rng(1)
+    )()
     assert (dev_labels == 1).sum() == 6 and (dev_labels == 0).sum() == 6 and dev_ref is None
 
 
@@ -224,6 +263,11 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
         assert torch.allclose(loaded.model(x, loaded.reference), a.model.eval()(x, a.reference))
     with pytest.raises(UserError, match="missing checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
+    heads, meta = load_base_heads(tmp_path / "m.pt")  # what train_ahl starts from: no backbone built
+    assert meta == loaded.meta and heads.margin == 3.0 and not heads.training
+    assert heads.state_dict().keys() == loaded.model.heads.state_dict().keys()
+    for k, v in loaded.model.heads.state_dict().items():
+        assert torch.equal(heads.state_dict()[k], v), k
 
 
 def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):

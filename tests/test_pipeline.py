@@ -73,6 +73,14 @@ class Repo:
         self.git("add", "-A")
         self.git("commit", "-qm", "init")
 
+    def copy(self, path: Path) -> Repo:
+        """A copy of this repository (work tree, git, DVC cache) at ``path``, with its own DVC site cache."""
+        shutil.copytree(self.path, path, symlinks=True, ignore=shutil.ignore_patterns(".dvc-site-cache"))
+        clone = object.__new__(Repo)
+        clone.path, clone.env = path, self.env
+        clone.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
+        return clone
+
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         res = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
         if check and res.returncode != 0:
@@ -95,13 +103,14 @@ def scores_of(repo: Repo) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Repo:
-    return Repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
+def repo(reproduced, tmp_path_factory) -> Repo:
+    """A copy of the reproduced tiny pipeline that this module's tests change in turn."""
+    return reproduced[0].copy(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
-def test_repro_runs_every_stage_then_nothing(repo):
-    first = repo.dvc("repro")
-    assert repo.ran(first.stdout) == {
+def test_repro_runs_every_stage_then_nothing(reproduced, repo):
+    first = reproduced[1]  # the first `dvc repro` of the tiny params (conftest.py), in a copy of which `repo` is
+    assert repo.ran(first) == {
         "local_manifest", "selection", "download", "convert", "split", "train_base", "features", "train_ahl",
         "calibrate", "evaluate",
     }  # fmt: skip
@@ -327,12 +336,13 @@ def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp
 def test_two_queued_experiments_run_in_parallel_and_leave_the_workspace_alone(repo):
     """The advice for parallel runs (README, docs/reliability.md): `dvc exp run --queue` then
     `dvc queue start -j 2`; each experiment runs in its own temporary copy, so both are saved and the
-    workspace's params.yaml is untouched (two `dvc exp run` at once in one workspace fail on DVC's lock)."""
+    workspace's params.yaml is untouched (two `dvc exp run` at once in one workspace fail on DVC's lock).
+    The two differ in an evaluation param not run before (so not in the run cache): each reruns evaluate."""
     import time
 
     params = (repo.path / "params.yaml").read_text()
-    for seed in ("1", "2"):
-        repo.dvc("exp", "run", "--queue", "-S", f"seed={seed}", "-S", "evaluate.batch_size=32")
+    for size in ("7", "9"):
+        repo.dvc("exp", "run", "--queue", "-S", f"evaluate.batch_size={size}")
     repo.dvc("queue", "start", "-j", "2")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -345,13 +355,13 @@ def test_two_queued_experiments_run_in_parallel_and_leave_the_workspace_alone(re
     assert status.count("Success") >= 2, status
     assert (repo.path / "params.yaml").read_text() == params
     shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
-    seeds = set()
+    sizes = set()
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
-                seed = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("seed")
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
                 metrics = ((data.get("metrics") or {}).get("results/metrics.json") or {}).get("data") or {}
-                if seed in (1, 2) and "base" in metrics:
-                    seeds.add(seed)
-    assert seeds == {1, 2}, json.dumps(shown)[:2000]
+                if params.get("evaluate", {}).get("batch_size") in (7, 9) and "base" in metrics:
+                    sizes.add(params["evaluate"]["batch_size"])
+    assert sizes == {7, 9}, json.dumps(shown)[:2000]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pipeline import Repo, tiny_params
+from test_pipeline import Repo
 
 pytestmark = pytest.mark.pipeline
 
@@ -35,9 +35,8 @@ def up_to_date(repo: Repo) -> bool:
     return status in ({}, {"local_manifest": ["always changed"]})
 
 
-def test_push_then_pull_in_another_clone_reproduces_nothing_and_shares_experiments(tmp_path):
-    a = Repo(tmp_path / "a", tiny_params())
-    a.dvc("repro")
+def test_push_then_pull_in_another_clone_reproduces_nothing_and_shares_experiments(reproduced, tmp_path):
+    a = reproduced[0].copy(tmp_path / "a")  # the tiny pipeline, reproduced
     remote, origin = tmp_path / "dvc-remote", tmp_path / "origin.git"
     a.dvc("remote", "add", "-d", "shared", str(remote))
     a.git("add", "-A")
