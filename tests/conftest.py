@@ -1,13 +1,21 @@
-"""Shared fixtures: a small embedded dataset in MVTec layout, built once per test session."""
+"""Shared fixtures: a small embedded dataset in MVTec layout, built once per test session; the reproduced tiny
+pipeline. pyproject.toml runs the suite on one pytest-xdist worker per core, a test file per worker."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from ahl.data.embedded import EmbeddedConfig, build_embedded
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the cores: one thread each, and for the processes they start (stages, dvc, torchrun); with
+    # a thread per core in every worker, OpenMP's spinning threads slow all of them down many times.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

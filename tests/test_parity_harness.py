@@ -489,13 +489,13 @@ def test_ablation_of_a_kept_run_is_paired_and_leaves_the_run_untouched(tmp_path)
     the same code from train_base: stages_from above; it is left out here for the suite's time.)"""
     from benchmarks.parity import ablate
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the test workers share the cores (conftest.py)
     tiny = ["--set", "embedded.n_train=12", "--set", "embedded.n_test_good=6", "--set", "embedded.n_per_defect=3",
             "--set", "embedded.image_size=64", "--set", "base.n_ref=2", "--set", "features.batch_size=8"]  # fmt: skip
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/parity/run.py"), "--sides", "ours", "--no-ahl", "--seeds", "0",
          "--keep", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--steps", "1", "--batch", "6",
-         "--n-anomalies", "2", "--threads", "2", "--out", str(tmp_path / "parity"), *tiny],
+         "--n-anomalies", "2", "--threads", "1", "--out", str(tmp_path / "parity"), *tiny],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     run = tmp_path / "parity" / "work" / "brick-dra-s0" / "ours"
