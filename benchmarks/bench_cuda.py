@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +147,24 @@ def caching(backbone: BackboneConfig, runtime: Runtime, batch: int, n: int) -> d
     return out
 
 
+def bracketed(bare: Callable[[], dict], stage: Callable[[], dict]) -> tuple[dict, dict]:
+    """(the stage's figures, the bare backbone's timed just before and just after it, averaged): on a shared machine
+    whose speed drifts (30 % between two runs minutes apart on the project's 2-core VM) a ratio of two timings
+    taken at different moments says little; the before/after pair is kept in the bare figures."""
+    before, out, after = bare(), stage(), bare()
+    rates = (before["images_per_s"], after["images_per_s"])
+    return out, {**after, "images_per_s": sum(rates) / 2, "before_after": rates}
+
+
 def stage_rows(backbone: BackboneConfig, runtime: Runtime, args) -> list[tuple[str, dict, dict | None]]:
-    fwd_bwd = bare_backbone(backbone, runtime, args.batch + 5, args.steps, train=True)
-    fwd = bare_backbone(backbone, runtime, args.batch, args.steps, train=False)
-    base = base_training(backbone, runtime, args.batch, args.steps)
-    cache = caching(backbone, runtime, args.batch, args.cache_images)
+    base, fwd_bwd = bracketed(
+        lambda: bare_backbone(backbone, runtime, args.batch + 5, args.steps, train=True),
+        lambda: base_training(backbone, runtime, args.batch, args.steps),
+    )
+    cache, fwd = bracketed(
+        lambda: bare_backbone(backbone, runtime, args.batch, args.steps, train=False),
+        lambda: caching(backbone, runtime, args.batch, args.cache_images),
+    )
     return [
         (f"backbone forward+backward+step, batch {args.batch + 5}", fwd_bwd, None),
         ("train_base (whole step: sampling, augmentation, transfer)", base, fwd_bwd),
@@ -166,6 +180,9 @@ def print_rows(title: str, rows) -> None:
         ratio = f"{100 * r['images_per_s'] / bare['images_per_s']:.0f}%" if bare else ""
         peak = f"{r['peak_gib']:.2f} GiB" if np.isfinite(r["peak_gib"]) else "-"
         print(f"{what:<72} {r['images_per_s']:>9.1f} {ratio:>8} {peak:>9}")
+        if "before_after" in r:
+            before, after = r["before_after"]
+            print(f"  (the mean of the bare rates timed just before and after the stage: {before:.1f}, {after:.1f})")
 
 
 def variants(device: torch.device, compile_too: bool) -> list[tuple[str, Runtime]]:
