@@ -224,11 +224,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"epoch, measured (train_ahl, epochs=1, {len(result.tasks)} tasks)", seconds, None))
 
     epoch_flops = t * (rows[2][2] + (n_inner - 1) * rows[1][2] + q_flops)
+    # the reference rate once more at the end, and the better of the two: this machine's speed drifts (a shared
+    # VM: 78-148 GFLOP/s within one afternoon), and a percentage of a slow moment's rate would flatter the steps
+    rates = (rate, matmul_rate(device))
+    rate = max(rates)
     precision = "bfloat16 autocast" if args.bf16 else "float32"
     geometry = "official geometry (composite conv stride 3)" if args.official_geometry else "default geometry"
     print(f"device {device} ({torch.get_num_threads()} threads, {precision}, {geometry}), torch {torch.__version__}, "
           f"load {os.getloadavg()}")  # fmt: skip
-    print(f"dense float32 matmul 2048x2048: {rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"dense float32 matmul 2048x2048: {rate / 1e9:.1f} GFLOP/s (the better of {rates[0] / 1e9:.1f} at the start "
+        f"and {rates[1] / 1e9:.1f} at the end)"
+    )
     print(f"{'what':<66} {'time':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% mm':>6}")
     for what, sec, fl in rows:
         if fl:
