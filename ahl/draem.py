@@ -72,8 +72,9 @@ def perlin_noise(
         return g_a[k] * (fa - di) + g_b[k] * (fb - dj)  # (H, W) dot(gradient, offset to the pixel)
 
     wa, wb = _fade(fa), _fade(fb)
-    n0 = corner(0, 0) + wa * (corner(1, 0) - corner(0, 0))
-    n1 = corner(0, 1) + wa * (corner(1, 1) - corner(0, 1))
+    c00, c01 = corner(0, 0), corner(0, 1)  # each used twice below (a gather over the image: computed once)
+    n0 = c00 + wa * (corner(1, 0) - c00)
+    n1 = c01 + wa * (corner(1, 1) - c01)
     return math.sqrt(2) * (n0 + wb * (n1 - n0))
 
 
