@@ -191,6 +191,24 @@ def test_stage_scripts_run_without_dvc(tmp_path):
         assert out.returncode == 0, f"{script.name}: {out.stderr[-500:]}"
 
 
+def test_stages_import_only_what_they_use():
+    """Stage start-up is mostly imports (torch about 3 s, torchvision about 3 s more through torch._dynamo,
+    scikit-learn about 2 s): the data stages import none of them, selection (every section's config) and train_ahl
+    (cached features only) torch alone. Each script is run up to its --help (its imports, not its main)."""
+    code = (
+        "import os, runpy, sys\nsys.argv = [sys.argv[1], '--help']\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit:\n    pass\nprint('imported:', *(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
+    allowed = {"local_manifest": set(), "download": set(), "convert": set(), "split": set(), "selection": {"torch"},
+               "train_ahl": {"torch"}}  # fmt: skip
+    for stage, ok in allowed.items():
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "stages" / f"{stage}.py")], capture_output=True,
+                             text=True, cwd=ROOT, check=True)  # fmt: skip
+        imported = set(next(line for line in out.stdout.splitlines() if line.startswith("imported:")).split()[1:])
+        assert imported <= ok, f"stages/{stage}.py imports {sorted(imported - ok)} at start-up"
+
+
 if __name__ == "__main__":
     for p in deps_problems(ROOT):
         print(p)
