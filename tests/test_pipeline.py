@@ -73,13 +73,18 @@ class Repo:
         self.git("add", "-A")
         self.git("commit", "-qm", "init")
 
+    @classmethod
+    def existing(cls, path: Path, env: dict) -> Repo:
+        """The repository already at ``path`` (a copy, a git clone), given its own DVC site cache."""
+        repo = object.__new__(cls)  # not __init__: nothing is copied or initialised
+        repo.path, repo.env = path, env
+        repo.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
+        return repo
+
     def copy(self, path: Path) -> Repo:
         """A copy of this repository (work tree, git, DVC cache) at ``path``, with its own DVC site cache."""
         shutil.copytree(self.path, path, symlinks=True, ignore=shutil.ignore_patterns(".dvc-site-cache"))
-        clone = object.__new__(Repo)
-        clone.path, clone.env = path, self.env
-        clone.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
-        return clone
+        return Repo.existing(path, self.env)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         res = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)

@@ -16,13 +16,10 @@ from test_pipeline import Repo
 pytestmark = pytest.mark.pipeline
 
 
-class Clone(Repo):
+def clone(path: Path, origin: Path, env: dict) -> Repo:
     """A git clone of ``origin`` with its own DVC site cache (what a teammate's checkout is)."""
-
-    def __init__(self, path: Path, origin: Path, env: dict):  # not Repo.__init__: nothing is copied
-        self.path, self.env = path, env
-        subprocess.run(["git", "clone", "-q", str(origin), str(path)], env=env, check=True)
-        self.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
+    subprocess.run(["git", "clone", "-q", str(origin), str(path)], env=env, check=True)
+    return Repo.existing(path, env)
 
 
 def metrics(repo: Repo) -> dict:
@@ -47,7 +44,7 @@ def test_push_then_pull_in_another_clone_reproduces_nothing_and_shares_experimen
     a.git("push", "-q", "origin", "HEAD:refs/heads/main")
     subprocess.run(["git", "symbolic-ref", "HEAD", "refs/heads/main"], cwd=origin, check=True)
 
-    b = Clone(tmp_path / "b", origin, a.env)
+    b = clone(tmp_path / "b", origin, a.env)
     assert not (b.path / "models/ahl.pt").exists()
     b.dvc("pull")
     assert up_to_date(b)
