@@ -16,7 +16,9 @@ import torch
 from ahl.heads import ScoringHeads
 from ahl.scoring import Params, forward
 
-Batch = tuple[list[torch.Tensor], torch.Tensor]  # (features per scale (B, C, H_s, W_s), labels (B,))
+# (features per scale (B, C, H_s, W_s), labels (B,)), and optionally a third item: one ahl.heads.Memo per scale, for a
+# support batch that comes back in later rounds (what the heads derive from its features alone is then kept)
+Batch = tuple[list[torch.Tensor], torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor, list[dict]]
 Autocast = Callable[[], AbstractContextManager]  # ahl.runtime.Runtime.autocast: forward passes in bfloat16, or a no-op
 
 
@@ -42,9 +44,9 @@ def adapt(
     phi = dict(theta)
     names = list(phi)
     losses = []
-    for k, (features, labels) in enumerate(support):
+    for k, (features, labels, *memo) in enumerate(support):
         with autocast():
-            loss = heads.loss(forward(heads, phi, buffers, features, reference), labels)
+            loss = heads.loss(forward(heads, phi, buffers, features, reference, *memo), labels)
         create_graph = second_order and k == 0
         grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=create_graph, allow_unused=True)
         phi = {n: phi[n] if g is None else phi[n] - inner_lr * g for n, g in zip(names, grads)}

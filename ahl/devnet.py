@@ -16,8 +16,8 @@ class DevNetHeads(ScoringHeads):
         super().__init__(topk, margin)  # official_geometry concerns DRA's composite head only
         self.seen_head = PatchHead(in_channels, topk)
 
-    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        return self.seen_head(features)[:, None]  # (B, 1)
+    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None, memo=None) -> torch.Tensor:
+        return self.seen_head(features)[:, None]  # (B, 1); the 1x1 head derives nothing worth a memo
 
     def targets(self, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Seen and pseudo anomalies (AHL's tasks add pseudo ones) are both "anomalous" for the single head.

@@ -15,10 +15,12 @@ from ahl.heads import (
     NORMAL,
     PSEUDO,
     SEEN,
+    Memo,
     ModelSpec,
     PatchHead,
     ScoringHeads,
     conv_as_matmul,
+    memoised,
     register_model,
     topk_mean,
 )
@@ -32,8 +34,8 @@ class HolisticHead(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B,)
-        x = x.mean(dim=(2, 3))  # (B, C)
+    def forward(self, x: torch.Tensor, memo: Memo | None = None) -> torch.Tensor:  # (B, C, H, W) -> (B,)
+        x = memoised(memo, ("spatial mean",), lambda: x.mean(dim=(2, 3)))  # (B, C)
         return self.fc2(torch.relu(self.fc1(x))).abs()[:, 0]
 
 
@@ -55,14 +57,14 @@ class CompositeHead(nn.Module):
         )
         self.patch = PatchHead(in_channels, topk)
 
-    def residual(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, reference: torch.Tensor, memo: Memo | None = None) -> torch.Tensor:
         """conv(reference - x) -> BatchNorm -> ReLU: x (B, C, H, W), reference (C, H, W) (the mean feature of the
         reference normals at this scale) -> (B, C, H', W'), channels_last."""
         conv, norm, relu = self.conv
-        return relu(norm(conv_as_matmul(x, conv, reference)))
+        return relu(norm(conv_as_matmul(x, conv, reference, memo)))
 
-    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return self.patch(self.residual(x, reference))
+    def forward(self, x: torch.Tensor, reference: torch.Tensor, memo: Memo | None = None) -> torch.Tensor:
+        return self.patch(self.residual(x, reference, memo))
 
     def patch_map(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:  # -> (B, H', W')
         return self.patch.patch_map(self.residual(x, reference))
@@ -81,15 +83,17 @@ class DRAHeads(ScoringHeads):
         self.pseudo_head = PatchHead(in_channels, topk)
         self.composite_head = CompositeHead(in_channels, topk, official_geometry)
 
-    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    def score_scale(
+        self, features: torch.Tensor, reference: torch.Tensor | None, memo: Memo | None = None
+    ) -> torch.Tensor:
         if reference is None:
             raise ValueError("DRA's composite head needs the reference features of every scale")
         return torch.stack(
             [
-                self.holistic_head(features),
+                self.holistic_head(features, memo),
                 self.seen_head(features),
                 self.pseudo_head(features),
-                self.composite_head(features, reference),
+                self.composite_head(features, reference, memo),
             ],
             dim=1,
         )  # (B, 4)

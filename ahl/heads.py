@@ -21,6 +21,24 @@ from ahl.losses import deviation_loss
 # Labels used everywhere: 0 = normal, 1 = seen (labelled) anomaly, 2 = pseudo anomaly.
 NORMAL, SEEN, PSEUDO = 0, 1, 2
 
+# What the heads derive from one scale's features alone (no weight enters it): the composite head's patches of
+# (reference - x), the holistic head's spatial mean. A caller that forwards the same batch again (AHL's update_step
+# rounds over the same support batches) passes one Memo per scale and batch, and each is computed once. Only
+# tensors that need no gradient are kept (cached features), so the values are the same as without a memo.
+Memo = dict[tuple, torch.Tensor]
+
+
+def memoised(memo: Memo | None, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, kept in ``memo`` under ``key`` (None: not kept); a result that needs a gradient is never kept."""
+    if memo is None:
+        return make()
+    if key not in memo:
+        value = make()
+        if value.requires_grad:
+            return value
+        memo[key] = value
+    return memo[key]
+
 
 def topk_mean(x: torch.Tensor, rate: float) -> torch.Tensor:
     """Mean of the top ``rate`` fraction of |x| over positions: (B, 1, H, W) -> (B,)."""
@@ -29,7 +47,9 @@ def topk_mean(x: torch.Tensor, rate: float) -> torch.Tensor:
     return torch.topk(x, k, dim=1).values.mean(dim=1)
 
 
-def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, reference: torch.Tensor | None = None) -> torch.Tensor:
+def conv_as_matmul(
+    x: torch.Tensor, conv: nn.Conv2d, reference: torch.Tensor | None = None, memo: Memo | None = None
+) -> torch.Tensor:
     """``conv(x)`` as one matrix product of x's patches with the kernel when the kernel's windows do not overlap
     (stride >= kernel size: the 1 x 1 patch heads, the official geometry's stride-3 composite conv); else
     ``conv(x)`` itself. Equal to the convolution within float rounding (~1e-7 relative in float32).
@@ -42,7 +62,8 @@ def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, reference: torch.Tensor | N
     stay convolutions. Scoring (no gradient) stays a convolution too: a matrix product's rounding depends on the
     number of rows, and a score must not depend on the batch it was scored in (evaluate.batch_size).
     With ``reference`` (C, H, W), ``conv(reference - x)``: the matrix product's path subtracts while it gathers
-    the patches, so no (B, C, H, W) difference is made (DRA's composite head; the same values as subtracting first).
+    the patches, so no (B, C, H, W) difference is made (DRA's composite head; the same values as subtracting first);
+    ``memo``: x's patches of (reference - x) are kept there for the next forward of the same batch (see Memo).
     -> (B, O, H', W') in channels_last memory format.
     """
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
@@ -67,11 +88,15 @@ def conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, reference: torch.Tensor | N
         patches = patch(0, 0)
     elif ref is None or rows.requires_grad or ref.requires_grad:  # (out= below has no autograd)
         patches = torch.stack([patch(i, j) for i in range(kh) for j in range(kw)], dim=3)  # (B, H', W', k*k, C)
-    else:  # AHL: cached features, so no gradient to x
-        patches = rows.new_empty(b, ho, wo, kh * kw, c)
-        for i in range(kh):
-            for j in range(kw):
-                torch.sub(window(ref, i, j), window(rows, i, j), out=patches[:, :, :, i * kw + j])
+    else:  # AHL: cached features, so no gradient to x; one subtraction over views of every patch (unfold)
+
+        def tiles(t: torch.Tensor) -> torch.Tensor:  # (B or 1, H, W, C) -> (B or 1, H', W', kh, kw, C) view
+            return t.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3)
+
+        def gather() -> torch.Tensor:
+            return torch.sub(tiles(ref), tiles(rows), out=rows.new_empty(b, ho, wo, kh, kw, c))
+
+        patches = memoised(memo, ("residual patches", kh, kw, sh, sw, ph, pw), gather)
     kernel = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, kh * kw * c)  # (O, kh * kw * C)
     out = patches.reshape(b * ho * wo, kh * kw * c) @ kernel.t()
     if conv.bias is not None:
@@ -105,16 +130,23 @@ class ScoringHeads(nn.Module):
         self.topk = topk  # fraction of positions the patch heads average
         self.margin = margin  # a of the deviation loss
 
-    def score_scale(self, features: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        """Scores of every head at one scale: features (B, C, H, W) -> (B, n_heads)."""
+    def score_scale(
+        self, features: torch.Tensor, reference: torch.Tensor | None, memo: Memo | None = None
+    ) -> torch.Tensor:
+        """Scores of every head at one scale: features (B, C, H, W) -> (B, n_heads). ``memo``: see Memo."""
         raise NotImplementedError
 
     def forward(
-        self, features: Sequence[torch.Tensor], reference: Sequence[torch.Tensor] | None = None
+        self,
+        features: Sequence[torch.Tensor],
+        reference: Sequence[torch.Tensor] | None = None,
+        memo: Sequence[Memo] | None = None,
     ) -> torch.Tensor:
-        """Per-head scores averaged over the scales: list of (B, C, H_s, W_s) -> (B, n_heads)."""
+        """Per-head scores averaged over the scales: list of (B, C, H_s, W_s) -> (B, n_heads). ``memo``: one Memo
+        per scale, for a batch that is forwarded again."""
         per_scale = [
-            self.score_scale(f, reference[s] if reference is not None else None) for s, f in enumerate(features)
+            self.score_scale(f, None if reference is None else reference[s], None if memo is None else memo[s])
+            for s, f in enumerate(features)
         ]
         return torch.stack(per_scale, dim=0).mean(dim=0)
 
@@ -166,8 +198,8 @@ class HeadsEnsemble(ScoringHeads):
         self.head_names = tuple(f"{name}.{k}" for k in range(len(members)) for name in names)
         self.uses_reference = members[0].uses_reference
 
-    def forward(self, features, reference=None) -> torch.Tensor:  # -> (B, T * n_heads)
-        return torch.cat([m(features, reference) for m in self.members], dim=1)
+    def forward(self, features, reference=None, memo=None) -> torch.Tensor:  # -> (B, T * n_heads)
+        return torch.cat([m(features, reference, memo) for m in self.members], dim=1)
 
     def final_score(self, scores: torch.Tensor) -> torch.Tensor:
         per_member = scores.view(scores.shape[0], len(self.members), -1)  # (B, T, n_heads)

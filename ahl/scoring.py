@@ -23,9 +23,11 @@ from ahl.runtime import Runtime, plain
 Params = dict[str, torch.Tensor]
 
 
-def forward(heads: ScoringHeads, params: Params, buffers: Params, features, reference) -> torch.Tensor:
-    """Per-head scores (B, n_heads) of ``heads`` run with the weights ``params`` (theta_g or an adapted phi_i)."""
-    return functional_call(heads, (params, buffers), (features, reference if heads.uses_reference else None))
+def forward(heads: ScoringHeads, params: Params, buffers: Params, features, reference, memo=None) -> torch.Tensor:
+    """Per-head scores (B, n_heads) of ``heads`` run with the weights ``params`` (theta_g or an adapted phi_i);
+    ``memo``: one ahl.heads.Memo per scale of a batch that is forwarded again."""
+    args = (features, reference if heads.uses_reference else None, memo)
+    return functional_call(heads, (params, buffers), args)
 
 
 @torch.no_grad()

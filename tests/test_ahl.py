@@ -253,6 +253,40 @@ def test_inner_steps_lower_the_support_loss(cache, model):
     assert all(p.grad is None for p in heads.parameters())  # adaptation never touches theta_g's .grad
 
 
+@pytest.mark.parametrize("official_geometry", [True, False])
+def test_a_memo_per_support_batch_changes_no_bit_of_the_adaptation(official_geometry):
+    """AHL's rounds revisit the same support batches; what the heads derive from a batch's features alone (the
+    composite head's residual patches, the holistic head's spatial mean) is kept in a memo per batch and scale.
+    phi, the support losses and the meta-gradient are bitwise those computed without it."""
+    torch.manual_seed(0)
+    heads = build_heads("dra", C, topk=0.1, margin=5.0, official_geometry=official_geometry)
+    heads = heads.to(memory_format=torch.channels_last).train()
+    reference = [torch.rand(C, 7, 7), torch.rand(C, 4, 4)]
+    batches = [
+        ([torch.rand(12, C, n, n).contiguous(memory_format=torch.channels_last) for n in (7, 4)],
+         torch.tensor([NORMAL] * 4 + [SEEN] * 4 + [PSEUDO] * 4))
+        for _ in range(2)
+    ]  # fmt: skip
+    memos = [[{}, {}] for _ in batches]
+    runs = {}
+    for with_memo in (False, True):
+        buffers = {n: b.clone() for n, b in heads.named_buffers()}
+        theta = {n: p.detach().clone().requires_grad_() for n, p in heads.named_parameters()}
+        rounds = [(f, y, m) if with_memo else (f, y) for _ in range(3) for (f, y), m in zip(batches, memos)]
+        phi, losses = adapt(heads, theta, buffers, rounds, reference, inner_lr=2e-3, second_order=True)
+        query_loss(heads, phi, buffers, *batches[0], reference).backward()
+        runs[with_memo] = (phi, losses, {n: t.grad for n, t in theta.items()}, buffers)
+        if with_memo:  # filled in the first round, the same tensors used in the next two
+            kept = {key for memo in memos for scale in memo for key in scale}
+            assert ("spatial mean",) in kept
+            assert any(key[0] == "residual patches" for key in kept) == official_geometry  # stride 1: a convolution
+    for a, b in zip(runs[False], runs[True]):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        else:
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("second_order", [True, False])
 def test_meta_gradient_reaches_every_parameter(cache, second_order):
     heads = make_heads("dra").train()
