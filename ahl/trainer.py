@@ -134,7 +134,6 @@ class AHLTrainer:
         self.clusters = cluster_normals(features, config.hadg, seed)
         self.tasks = make_tasks(self.clusters, len(cache.train_anomaly), self.families, self.rng)
         splits = [v for vs in self.variants.values() for v in (vs if config.redraw_augmentation else vs[:1])]
-        self.n_scales = len(cache.train_normal.scales)
         self.store = FeatureStore(cache, splits, self.device)
         self.reference = self.store.reference if heads.uses_reference else None
         self._build_models(heads, seed)
@@ -260,7 +259,7 @@ class AHLTrainer:
                 # the papers' shapes; bench_ahl.py: a gather costs 6 ms, 4 % of an inner step at the official
                 # geometry), with a memo per scale: what the heads derive from its features alone (the composite
                 # head's patches at the official geometry, 0.35 GB more) is computed in the first round only
-                support = [(*self.store.batch(b, split_of), [{} for _ in range(self.n_scales)]) for b in batches]
+                support = [(f, y, [{} for _ in f]) for f, y in (self.store.batch(b, split_of) for b in batches)]
                 rounds = (batch for _ in range(c.update_step) for batch in support)
             phi, losses, query_losses[i] = task_meta_gradient(
                 heads, theta, buffers, rounds,

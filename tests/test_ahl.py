@@ -276,7 +276,7 @@ def test_a_memo_per_support_batch_changes_no_bit_of_the_adaptation(official_geom
         phi, losses = adapt(heads, theta, buffers, rounds, reference, inner_lr=2e-3, second_order=True)
         query_loss(heads, phi, buffers, *batches[0], reference).backward()
         runs[with_memo] = (phi, losses, {n: t.grad for n, t in theta.items()}, buffers)
-        if with_memo:  # filled in the first round, the same tensors used in the next two
+        if with_memo:  # what the first round kept
             kept = {key for memo in memos for scale in memo for key in scale}
             assert ("spatial mean",) in kept
             assert any(key[0] == "residual patches" for key in kept) == official_geometry  # stride 1: a convolution
