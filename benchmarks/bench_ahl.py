@@ -30,15 +30,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ahl.cdl import adapt, query_loss  # noqa: E402
-from ahl.features import FeatureCache, FeatureSet  # noqa: E402
-from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features  # noqa: E402
-from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
-from ahl.model import build_heads  # noqa: E402
-from ahl.runtime import Runtime, resolve_device  # noqa: E402
-from ahl.scoring import final_scores, score_features  # noqa: E402
-from ahl.store import FeatureStore  # noqa: E402
-from ahl.trainer import AHLConfig, train_ahl  # noqa: E402
+from ahl.core.runtime import Runtime, resolve_device  # noqa: E402
+from ahl.method.cache import FeatureCache, FeatureSet  # noqa: E402
+from ahl.method.cdl import adapt, query_loss  # noqa: E402
+from ahl.method.forward import final_scores, score_features  # noqa: E402
+from ahl.method.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features  # noqa: E402
+from ahl.method.store import FeatureStore  # noqa: E402
+from ahl.method.train_ahl import AHLConfig, train_ahl  # noqa: E402
+from ahl.models.base import build_heads  # noqa: E402
+from ahl.models.labels import NORMAL, PSEUDO, SEEN  # noqa: E402
 
 FAMILIES = ("cutmix", "cutpaste", "draem")
 
@@ -62,7 +62,7 @@ def synthetic_cache(n_normal: int, n_seen: int, n_test: int, channels: int, size
         train_anomaly=fs(n_seen, SEEN, "seen"),
         pseudo={f: fs(n_normal, PSEUDO, f) for f in FAMILIES},
         test=test,
-        reference=[x[:5].astype(np.float32).mean(axis=0) for x in normal.scales],
+        normal_mean=[x[:5].astype(np.float32).mean(axis=0) for x in normal.scales],
     )
 
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = make_tasks(clusters, args.seen, list(FAMILIES), rng)
     store = FeatureStore(cache, FAMILIES, device)
     split_of = {f: f for f in FAMILIES}
-    ref = store.reference
+    ref = store.normal_mean
     task = tasks[0]
     theta = dict(heads.named_parameters())
     buffers = dict(heads.named_buffers())
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     pool_time = per_chunk * pool_n / config.eval_batch_size
     rows.append((f"score psi's pool ({pool_n} samples) with one phi_i", pool_time, None))
     test_time = timed(
-        lambda: score_features(cache.test, heads, cache.reference, device, config.eval_batch_size, runtime), device, 1
+        lambda: score_features(cache.test, heads, cache.normal_mean, device, config.eval_batch_size, runtime), device, 1
     )
     rows.append((f"score the test set ({len(cache.test)} images)", test_time, None))
 

@@ -32,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ahl.backbones import to_input  # noqa: E402
-from ahl.errors import UserError  # noqa: E402
-from ahl.features import CacheConfig, write_cache  # noqa: E402
-from ahl.model import BackboneConfig, build_model  # noqa: E402
-from ahl.runtime import Runtime, resolve_device, seeded  # noqa: E402
-from ahl.train import BaseConfig, train_base  # noqa: E402
+from ahl.core.errors import UserError  # noqa: E402
+from ahl.core.runtime import Runtime, resolve_device, seeded  # noqa: E402
+from ahl.method.cache import CacheConfig, write_cache  # noqa: E402
+from ahl.models.backbones import to_input  # noqa: E402
+from ahl.models.base import BackboneConfig, build_model  # noqa: E402
+from ahl.models.train_base import BaseConfig, train_base  # noqa: E402
 
 log = logging.getLogger("cuda")
 
@@ -138,11 +138,11 @@ def caching(backbone: BackboneConfig, runtime: Runtime, batch: int, n: int) -> d
 
     splits = {"train_normal": part(images(n, size, 3), 0), "train_anomaly": part(images(4, size, 4), 1),
               "test": part(images(n, size, 5), 0)}  # fmt: skip
-    reference = [torch.zeros(1)] * backbone.n_scales
+    normal_mean = [torch.zeros(1)] * backbone.n_scales
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp, measured(runtime.device, out):
         config = CacheConfig(batch_size=batch)
-        write_cache(Path(tmp) / "c", model, reference, splits, config, seed=0, device=runtime.device, runtime=runtime)
+        write_cache(Path(tmp) / "c", model, normal_mean, splits, config, seed=0, device=runtime.device, runtime=runtime)
     out["images_per_s"] = (n + 4 + n + 3 * n) / out["seconds"]
     return out
 

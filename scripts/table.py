@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ahl.report import GROUP_BY, aggregate, format_table, runs_from_rows, with_published  # noqa: E402
+from ahl.core.spreadsheet import write_csv  # noqa: E402
+from ahl.evaluation.tables import GROUP_BY, aggregate, format_table, runs_from_rows, with_published  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     table = with_published(aggregate(runs, group_by=args.group_by))
     print(format_table(table))
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        write_csv(args.csv, table)  # spreadsheet-safe, atomic
 
 
 if __name__ == "__main__":

@@ -10,43 +10,42 @@ import logging
 
 import numpy as np
 from common import ROOT, Params, run
+from compute import stage_runtime
 
-from ahl import provenance
+from ahl.core import provenance
+from ahl.core.errors import UserError
+from ahl.core.io import read_json, write_json
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
-from ahl.errors import UserError
-from ahl.features import INDEX, load_cache
-from ahl.io import read_json, write_json
-from ahl.model import load_checkpoint, load_heads
-from ahl.scoring import score_features, score_images
-from ahl.threshold import ThresholdConfig, choose, made_from
+from ahl.evaluation.scorer import Scorer
+from ahl.evaluation.threshold import ThresholdConfig, choose, made_from
+from ahl.method.cache import INDEX, load_cache
 
 DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
 CACHE, AHL, OUT = "cache/features", "models/ahl.pt", "models/thresholds.json"
-FEATURES, TRAIN_AHL = "python stages/features.py", "python stages/train_ahl.py"  # what reruns a stale input
+FEATURES = "python stages/features.py"  # what reruns a stale cache
 log = logging.getLogger("stage")
 
 
 def validation_scores(params: Params, split: Split, batch_size: int) -> dict[str, np.ndarray]:
-    """Validation-slice scores of the base model (from images) and of AHL (from the cached features), as
-    evaluate scores the test set."""
-    runtime = params.runtime()
-    device = runtime.device
-    ckpt = load_checkpoint(ROOT / BASE, device)
-    provenance.check(BASE, ckpt.meta.get("inputs"), "python stages/train_base.py", split=ROOT / SPLIT)
+    """Validation-slice scores of the base model (from images) and of AHL (from the cached features), through the
+    scorer evaluate and `ahl predict` use (ahl/evaluation/scorer.py)."""
+    ahl = ROOT / AHL if (ROOT / AHL).is_file() else None  # None: the base model alone (plain stage runs)
     files = [s.file for s in split.validation]
-    images = load_images(ROOT / DATA / split.classname, files, ckpt.meta["backbone"]["image_size"])
-    scores = {"base": score_images(ckpt.model, images, ckpt.reference, device, batch_size, runtime)[0]}
-    if not (ROOT / AHL).is_file():  # the base model alone (plain `python stages/...` runs without AHL's stages)
-        return scores
-    cache = load_cache(ROOT / CACHE)
-    provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
-    heads, meta = load_heads(ROOT / AHL)
-    provenance.check(AHL, meta.get("inputs"), TRAIN_AHL, base=ROOT / BASE, cache=ROOT / CACHE / INDEX)
-    if cache.validation is None or cache.validation.files != files:
-        raise UserError(f"{CACHE} holds no features of this split's validation slice; rerun `{FEATURES}`")
-    scores["ahl"] = score_features(cache.validation, heads.to(device), cache.reference, device, batch_size, runtime)
-    return scores
+    scorer = Scorer.load(
+        ROOT / BASE, ahl, runtime=stage_runtime(params), split=ROOT / SPLIT, cache=ROOT / CACHE / INDEX if ahl else None
+    )
+    cache = None
+    if ahl is not None:
+        cache = load_cache(ROOT / CACHE)
+        provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
+        if cache.validation is None or cache.validation.files != files:
+            raise UserError(f"{CACHE} holds no features of this split's validation slice; rerun `{FEATURES}`")
+    images = load_images(ROOT / DATA / split.classname, files, scorer.size)
+    scores = scorer.score_images(images, batch_size, models=("base",))
+    if cache is not None:
+        scores.update(scorer.score_features(cache.validation, cache.normal_mean, batch_size))
+    return scores.final
 
 
 def main(params: Params) -> None:

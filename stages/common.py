@@ -10,20 +10,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python stages/x.py` puts stages/ on the path, not the project root
     sys.path.insert(0, str(ROOT))
 
-from ahl.config import check_keys, from_params, load_yaml  # noqa: E402
-from ahl.console import setup_logging  # noqa: E402
-from ahl.errors import UserError  # noqa: E402
-
-if TYPE_CHECKING:
-    import torch
-
-    from ahl.runtime import Runtime
+from ahl.core.config import check_keys, from_params, load_yaml, path_component  # noqa: E402
+from ahl.core.console import setup_logging  # noqa: E402
+from ahl.core.errors import UserError  # noqa: E402
 
 log = logging.getLogger("stage")
 T = TypeVar("T")
@@ -46,8 +41,10 @@ class Params:
         if missing:
             raise UserError(f"params.yaml: missing key(s) {', '.join(missing)} ({path})")
         self.raw, self.path = raw, Path(path)
+        self._device, self._lease = None, None  # this stage's device, and the GPUs it holds (compute.py)
         if not isinstance(raw["classname"], str) or not raw["classname"]:
             raise UserError(f"params.yaml: classname = {raw['classname']!r} must be a subset name, e.g. brick")
+        path_component(raw["classname"], "params.yaml: classname")  # one folder name: never a path elsewhere
         seed = raw["seed"]
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise UserError(f"params.yaml: seed = {seed!r} must be a whole number >= 0")
@@ -68,17 +65,6 @@ class Params:
 
     def section(self, name: str, cls: type[T]) -> T:
         return from_params(cls, self.raw[name], name)
-
-    def runtime(self, device: torch.device | None = None) -> Runtime:
-        """The device (``device``, e.g. this rank's under torchrun, else params.yaml's) and its runtime section
-        (autocast, channels_last, compile), with the process-wide determinism switches applied; a stage that
-        computes on the device calls this once. torch is imported here, not at the top: the data stages
-        (local_manifest, download, convert, split) do not need it, and importing it takes seconds."""
-        from ahl.runtime import Runtime, RuntimeConfig, configure_determinism, resolve_device
-
-        config = self.section("runtime", RuntimeConfig)
-        configure_determinism(config)
-        return Runtime.resolve(device if device is not None else resolve_device(self.device), config)
 
 
 def local_path(local: str | None) -> Path | None:

@@ -2,17 +2,18 @@
 
 from common import ROOT, Params, run
 
+from ahl.core.io import read_json
 from ahl.data.datasets import selected_dataset
 from ahl.data.download import DataConfig
 from ahl.data.mvtec import validate_dataset
-from ahl.io import read_json
 
 SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
 
 
 def main(params: Params) -> None:
-    dataset = selected_dataset(read_json(ROOT / SELECTION))
-    dataset.convert(ROOT / RAW, ROOT / OUT, seed=params.section("data", DataConfig).split_seed)
+    data = params.section("data", DataConfig)
+    dataset = selected_dataset(read_json(ROOT / SELECTION), data.max_pixels)
+    dataset.convert(ROOT / RAW, ROOT / OUT, seed=data.split_seed)
     subsets = validate_dataset(ROOT / OUT)
     print(f"{dataset.name}: {len(subsets)} subset(s) in {OUT}: {', '.join(subsets)}")
 

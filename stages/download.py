@@ -2,11 +2,11 @@
 
 from common import ROOT, Params, local_path, run
 
+from ahl.core.console import show_progress
+from ahl.core.io import read_json
+from ahl.data.datasets import get_source, selected_dataset
 from ahl.data.download import DataConfig, obtain
 from ahl.data.embedded import EmbeddedConfig
-from ahl.data.datasets import get_source, selected_dataset
-from ahl.io import read_json
-from ahl.console import show_progress
 
 SELECTION, LOCAL, RAW = "data/selection.json", "data/local.json", "data/raw"
 

@@ -3,25 +3,26 @@
 import sys
 
 from common import ROOT, Params, run
+from compute import run_device, stage_runtime
 
+from ahl.core import provenance
+from ahl.core.console import show_progress
+from ahl.core.distributed import DistributedConfig, process_group, relaunch
+from ahl.core.io import read_json
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
-from ahl.distributed import DistributedConfig, process_group, relaunch
-from ahl.features import CacheConfig, write_cache
-from ahl.io import read_json
-from ahl.model import load_checkpoint
-from ahl import provenance
-from ahl.console import show_progress
-from ahl.runtime import resolve_device
+from ahl.method.cache import CacheConfig, write_cache
+from ahl.models.base import load_checkpoint
 
 DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
 
 
 def main(params: Params) -> None:
-    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
+    # nproc > 1: the same under torchrun (at most one process per GPU, or per core on the CPU)
+    relaunch(params.section("distributed", DistributedConfig), sys.argv, run_device(params))
     config = params.section("features", CacheConfig)
-    with process_group(resolve_device(params.device)) as (group, device):
-        _cache(params, config, params.runtime(device), group)
+    with process_group(run_device(params)) as (group, device):
+        _cache(params, config, stage_runtime(params, device), group)
 
 
 def _cache(params: Params, config: CacheConfig, runtime, group) -> None:
@@ -48,7 +49,7 @@ def _cache(params: Params, config: CacheConfig, runtime, group) -> None:
         "inputs": provenance.inputs(split=ROOT / SPLIT, base=ROOT / BASE),
     }  # fmt: skip
     write_cache(
-        ROOT / OUT, ckpt.model, ckpt.reference, splits, config,
+        ROOT / OUT, ckpt.model, ckpt.normal_mean, splits, config,
         seed=params.seed, device=device, progress=show_progress() and group.is_main, meta=meta, group=group,
         runtime=runtime,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ahl.io import atomic_dir, atomic_path
+from ahl.core.io import atomic_dir, atomic_path
 
 try:
     from dvclive import Live

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from common import ROOT, Params, run
 
-from ahl.data.download import DataConfig, local_manifest
-from ahl.io import write_json
+from ahl.core.io import write_json
+from ahl.data.download import DataConfig
+from ahl.data.local import local_manifest
 
 OUT = "data/local.json"
 

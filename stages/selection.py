@@ -9,19 +9,19 @@ checked here too (layout, anomalies, enough for M), so a mistake in it stops the
 
 from common import ROOT, SECTIONS, Params, local_path, run
 
+from ahl.core.distributed import DistributedConfig
+from ahl.core.io import write_json
+from ahl.core.runtime import RuntimeConfig, resolve_device
+from ahl.data.datasets import select
 from ahl.data.download import DataConfig
 from ahl.data.embedded import EmbeddedConfig
 from ahl.data.protocol import ProtocolConfig
-from ahl.data.datasets import select
-from ahl.distributed import DistributedConfig
-from ahl.features import CacheConfig
-from ahl.io import write_json
-from ahl.metrics import EvaluateConfig
-from ahl.model import BackboneConfig
-from ahl.runtime import RuntimeConfig, resolve_device
-from ahl.train import BaseConfig
-from ahl.threshold import ThresholdConfig
-from ahl.trainer import AHLConfig
+from ahl.evaluation.image_metrics import EvaluateConfig
+from ahl.evaluation.threshold import ThresholdConfig
+from ahl.method.cache import CacheConfig
+from ahl.method.train_ahl import AHLConfig
+from ahl.models.base import BackboneConfig
+from ahl.models.train_base import BaseConfig
 
 OUT = "data/selection.json"
 CONFIGS = {

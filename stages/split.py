@@ -2,9 +2,9 @@
 
 from common import ROOT, Params, run
 
+from ahl.core.io import write_json
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
-from ahl.io import write_json
 
 DATA, OUT = "data/mvtec", "data/split.json"
 

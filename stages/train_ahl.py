@@ -10,24 +10,25 @@ import sys
 
 import numpy as np
 from common import ROOT, Params, run
+from compute import run_device, stage_runtime
 from live import live
 
-from ahl import provenance
-from ahl.distributed import DistributedConfig, process_group, relaunch
-from ahl.features import INDEX, load_cache
-from ahl.metrics import auc_roc_pr
-from ahl.model import load_base_heads, save_heads
-from ahl.console import show_progress
-from ahl.runtime import resolve_device
-from ahl.scoring import score_features
-from ahl.model import initial_heads
-from ahl.trainer import AHLConfig, train_ahl
+from ahl.core import provenance
+from ahl.core.console import show_progress
+from ahl.core.distributed import DistributedConfig, process_group, relaunch
+from ahl.evaluation.image_metrics import auc_roc_pr
+from ahl.method.cache import INDEX, load_cache
+from ahl.method.forward import score_features
+from ahl.method.init import initial_heads
+from ahl.method.train_ahl import AHLConfig, train_ahl
+from ahl.models.base import load_base_heads, save_heads
 
 CACHE, BASE, OUT, LOG = "cache/features", "models/base.pt", "models/ahl.pt", "results/ahl_training"
 
 
 def main(params: Params) -> None:
-    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
+    # nproc > 1: the same under torchrun (at most one process per GPU, or per core on the CPU)
+    relaunch(params.section("distributed", DistributedConfig), sys.argv, run_device(params))
     config = params.section("ahl", AHLConfig)
     cache = load_cache(ROOT / CACHE)
     base_heads, base_meta = load_base_heads(ROOT / BASE)
@@ -35,8 +36,8 @@ def main(params: Params) -> None:
     model = base_meta["model"]
     sizes = [tuple(x.shape[-2:]) for x in cache.test.scales]
     heads = initial_heads(base_heads, model, config.official_geometry, sizes)
-    with process_group(resolve_device(params.device)) as (group, device):
-        runtime = params.runtime(device)
+    with process_group(run_device(params)) as (group, device):
+        runtime = stage_runtime(params, device)
         if group.is_main:
             print(
                 f"AHL({model}) on {len(cache.train_normal)} normals, {len(cache.train_anomaly)} seen anomalies, "
@@ -52,7 +53,7 @@ def _train(params: Params, config: AHLConfig, cache, heads, model: str, runtime,
     with live(ROOT / LOG) as logger:
 
         def on_epoch(epoch: int, scored) -> dict:
-            scores = score_features(cache.test, scored, cache.reference, device, config.eval_batch_size, runtime)
+            scores = score_features(cache.test, scored, cache.normal_mean, device, config.eval_batch_size, runtime)
             auc = auc_roc_pr(cache.test.labels, scores) if np.isfinite(scores).all() else None  # diverged: none
             entry = {"test_auc_roc": auc and auc["auc_roc"], "test_auc_pr": auc and auc["auc_pr"]}
             for name, value in entry.items():

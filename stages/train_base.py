@@ -3,30 +3,31 @@
 import sys
 
 from common import ROOT, Params, run
+from compute import run_device, stage_runtime
 
+from ahl.core.console import show_progress
+from ahl.core.distributed import DistributedConfig, process_group, relaunch
+from ahl.core.io import read_json
+from ahl.core.provenance import inputs
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
-from ahl.distributed import DistributedConfig, process_group, relaunch
-from ahl.io import read_json
-from ahl.model import BackboneConfig, save_checkpoint
-from ahl.provenance import inputs
-from ahl.console import show_progress
-from ahl.runtime import resolve_device
-from ahl.train import BaseConfig, train_base
+from ahl.models.base import BackboneConfig, save_checkpoint
+from ahl.models.train_base import BaseConfig, train_base
 
 DATA, SPLIT, OUT = "data/mvtec", "data/split.json", "models/base.pt"
 
 
 def main(params: Params) -> None:
-    relaunch(params.section("distributed", DistributedConfig), sys.argv)  # nproc > 1: the same under torchrun
+    # nproc > 1: the same under torchrun (at most one process per GPU, or per core on the CPU)
+    relaunch(params.section("distributed", DistributedConfig), sys.argv, run_device(params))
     split = Split.from_dict(read_json(ROOT / SPLIT))
     backbone = params.section("backbone", BackboneConfig)
     config = params.section("base", BaseConfig)
     root = ROOT / DATA / split.classname
     normals = load_images(root, [s.file for s in split.train_normals], backbone.image_size)
     anomalies = load_images(root, [s.file for s in split.train_anomalies], backbone.image_size)
-    with process_group(resolve_device(params.device)) as (group, device):
-        runtime = params.runtime(device)
+    with process_group(run_device(params)) as (group, device):
+        runtime = stage_runtime(params, device)
         ranks = f", {group.world} ranks" if group.world > 1 else ""
         if group.is_main:
             print(

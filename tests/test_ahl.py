@@ -7,91 +7,25 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, FAST, C, make_cache, make_heads
 from sklearn.cluster import KMeans
 
-from ahl.cdl import adapt, query_loss
-from ahl.config import from_params, load_yaml
-from ahl.errors import UserError
-from ahl.estimator import EstimatorConfig, GeneralisationEstimation, GeneralisationEstimator, QueryPool, rewards
-from ahl.features import FeatureCache, FeatureSet
-from ahl.hadg import HADGConfig, cluster_normals, draw_batch, make_tasks, pool_features
-from ahl.heads import NORMAL, PSEUDO, SEEN
-from ahl.losses import deviation_loss
-from ahl.model import build_heads
-from ahl.scoring import forward, score_features
-from ahl.store import FeatureStore
-from ahl.model import initial_heads
-from ahl.trainer import AHLConfig, train_ahl
-
-C = 16  # channels of the synthetic feature maps: scales (C, 4, 4) and (C, 2, 2)
-FAMILIES = ("cutmix", "cutpaste", "draem")
+from ahl.core.config import from_params, load_yaml
+from ahl.core.errors import UserError
+from ahl.method.cdl import adapt, query_loss
+from ahl.method.estimator import EstimatorConfig, GeneralisationEstimation, GeneralisationEstimator, QueryPool, rewards
+from ahl.method.forward import forward, score_features
+from ahl.method.hadg import HADGConfig, check_batch, cluster_normals, draw_batch, make_tasks, pool_features
+from ahl.method.init import initial_heads
+from ahl.method.store import FeatureStore
+from ahl.method.train_ahl import AHLConfig, train_ahl
+from ahl.models.base import build_heads
+from ahl.models.labels import NORMAL, PSEUDO, SEEN
+from ahl.models.losses import deviation_loss
 
 
-def _maps(rng, centres, blob, defect=None):
-    """Feature maps of images of the given blobs; ``defect`` (C,) is added at one random position (an anomaly)."""
-    n = len(blob)
-    x = centres[blob][:, :, None, None] + 0.3 * rng.normal(size=(n, C, 4, 4))
-    if defect is not None:
-        for k in range(n):
-            i, j = rng.integers(4, size=2)
-            x[k, :, i, j] += defect
-    small = x.reshape(n, C, 2, 2, 2, 2).mean(axis=(3, 5))  # 2x2 average pool: the half-size scale
-    return [x.astype(np.float16), small.astype(np.float16)]
-
-
-def _set(scales, label, cls):
-    n = len(scales[0])
-    return FeatureSet(scales=scales, labels=np.full(n, label, np.int64), classes=[cls] * n, files=[""] * n)
-
-
-def make_cache(seed=0, n_normal=60, n_seen=6, sizes=None) -> tuple[FeatureCache, np.ndarray]:
-    """Normals from 3 well-separated Gaussian blobs (shuffled order), seen/unseen/pseudo anomalies as local defects."""
-    rng = np.random.default_rng(seed)
-    centres = 4.0 * rng.normal(size=(3, C))
-    if sizes is None:
-        blob = rng.permutation(np.arange(n_normal) % 3)
-    else:
-        blob = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
-        centres = 4.0 * rng.normal(size=(len(sizes), C))
-    # defects of the seen class, an unseen class and 3 pseudo families: a shared "anomalous" direction plus
-    # a kind-specific one, so that what the heads learn from seen and pseudo anomalies carries over to unseen ones
-    shared = rng.normal(size=C)
-    directions = 8.0 * (shared + 0.5 * rng.normal(size=(5, C))) / np.sqrt(C)
-    normal = _maps(rng, centres, blob)
-    seen = _maps(rng, centres, rng.integers(len(centres), size=n_seen), directions[0])
-    pseudo = {}
-    for f, family in enumerate(FAMILIES):  # row i made from normal i: same blob, a defect of this family
-        pseudo[family] = _set(_maps(rng, centres, blob, directions[2 + f]), PSEUDO, family)
-    test_blob = rng.integers(len(centres), size=40)
-    test_parts = [
-        _maps(rng, centres, test_blob[:20]),
-        _maps(rng, centres, test_blob[20:30], directions[0]),  # seen class
-        _maps(rng, centres, test_blob[30:], directions[1]),  # unseen class
-    ]
-    test = FeatureSet(
-        scales=[np.concatenate([p[s] for p in test_parts]) for s in range(2)],
-        labels=np.r_[np.zeros(20), np.ones(20)].astype(np.int64),
-        classes=["good"] * 20 + ["seen"] * 10 + ["unseen"] * 10,
-        files=[""] * 40,
-    )
-    cache = FeatureCache(
-        train_normal=_set(normal, NORMAL, "good"),
-        train_anomaly=_set(seen, SEEN, "seen"),
-        pseudo=pseudo,
-        test=test,
-        reference=[x[:5].astype(np.float32).mean(axis=0) for x in normal],
-    )
-    return cache, blob
-
-
-def make_heads(model="dra", seed=0, margin=5.0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_heads(model, C, topk=0.1, margin=margin)
-
-
-def score(features, heads, reference, device):
-    return score_features(features, heads, reference, device, batch_size=64)
+def score(features, heads, normal_mean, device):
+    return score_features(features, heads, normal_mean, device, batch_size=64)
 
 
 def train(cache, heads, config, seed=0, device="cpu"):
@@ -99,14 +33,13 @@ def train(cache, heads, config, seed=0, device="cpu"):
     test_scores = []
 
     def on_epoch(epoch, scored):
-        test_scores.append(score(cache.test, scored, cache.reference, device))
+        test_scores.append(score(cache.test, scored, cache.normal_mean, device))
         return {"test_auc_roc": _auc(cache, test_scores[-1])}
 
     result = train_ahl(cache, heads, config, seed=seed, device=device, on_epoch=on_epoch)
     return result, test_scores
 
 
-FAST = AHLConfig(epochs=3, steps_per_epoch=3, update_step=1, batch_size=24, lr=2e-2, history=2, psi_steps=5)
 # Enough outer steps to learn in 3 epochs: 10 per epoch, each with one inner step per task (MAML's schedule).
 LEARN = dataclasses.replace(FAST, steps_per_epoch=10, outer_steps_per_epoch=10)
 
@@ -243,7 +176,7 @@ def test_inner_steps_lower_the_support_loss(cache, model):
     store, support, _ = _task_batches(cache, 1)
     theta = dict(heads.named_parameters())
     buffers = {n: b.clone() for n, b in heads.named_buffers()}
-    ref = store.reference
+    ref = store.normal_mean
     features, labels = support[0]
     before = float(heads.loss(forward(heads, theta, buffers, features, ref), labels).detach())
     phi, losses = adapt(heads, theta, buffers, support * 10, ref, inner_lr=2e-3, second_order=True)
@@ -261,7 +194,7 @@ def test_a_memo_per_support_batch_changes_no_bit_of_the_adaptation(official_geom
     torch.manual_seed(0)
     heads = build_heads("dra", C, topk=0.1, margin=5.0, official_geometry=official_geometry)
     heads = heads.to(memory_format=torch.channels_last).train()
-    reference = [torch.rand(C, 7, 7), torch.rand(C, 4, 4)]
+    normal_mean = [torch.rand(C, 7, 7), torch.rand(C, 4, 4)]
     batches = [
         ([torch.rand(12, C, n, n).contiguous(memory_format=torch.channels_last) for n in (7, 4)],
          torch.tensor([NORMAL] * 4 + [SEEN] * 4 + [PSEUDO] * 4))
@@ -273,8 +206,8 @@ def test_a_memo_per_support_batch_changes_no_bit_of_the_adaptation(official_geom
         buffers = {n: b.clone() for n, b in heads.named_buffers()}
         theta = {n: p.detach().clone().requires_grad_() for n, p in heads.named_parameters()}
         rounds = [(f, y, m) if with_memo else (f, y) for _ in range(3) for (f, y), m in zip(batches, memos)]
-        phi, losses = adapt(heads, theta, buffers, rounds, reference, inner_lr=2e-3, second_order=True)
-        query_loss(heads, phi, buffers, *batches[0], reference).backward()
+        phi, losses = adapt(heads, theta, buffers, rounds, normal_mean, inner_lr=2e-3, second_order=True)
+        query_loss(heads, phi, buffers, *batches[0], normal_mean).backward()
         runs[with_memo] = (phi, losses, {n: t.grad for n, t in theta.items()}, buffers)
         if with_memo:  # what the first round kept
             kept = {key for memo in memos for scale in memo for key in scale}
@@ -293,8 +226,8 @@ def test_meta_gradient_reaches_every_parameter(cache, second_order):
     store, support, query = _task_batches(cache, 3)
     theta = dict(heads.named_parameters())
     buffers = dict(heads.named_buffers())
-    phi, _ = adapt(heads, theta, buffers, support, store.reference, 2e-4, second_order)
-    query_loss(heads, phi, buffers, *query, store.reference).backward()
+    phi, _ = adapt(heads, theta, buffers, support, store.normal_mean, 2e-4, second_order)
+    query_loss(heads, phi, buffers, *query, store.normal_mean).backward()
     for name, p in heads.named_parameters():
         # .grad starts as None: a parameter the outer backward does not reach keeps None
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -313,8 +246,8 @@ def test_second_order_term_changes_the_meta_gradient(cache):
         heads = make_heads("dra").train()
         store, support, query = _task_batches(cache, 2)
         theta, buffers = dict(heads.named_parameters()), {n: b.clone() for n, b in heads.named_buffers()}
-        phi, _ = adapt(heads, theta, buffers, support, store.reference, 1e-2, second_order)
-        query_loss(heads, phi, buffers, *query, store.reference).backward()
+        phi, _ = adapt(heads, theta, buffers, support, store.normal_mean, 1e-2, second_order)
+        query_loss(heads, phi, buffers, *query, store.normal_mean).backward()
         grads[second_order] = torch.cat([p.grad.flatten() for p in heads.parameters()])
     assert not torch.allclose(grads[True], grads[False])
 
@@ -392,13 +325,13 @@ def test_same_seed_gives_the_same_history(cache):
 def test_training_raises_test_auc_and_leaves_the_input_heads_alone(cache):
     heads = make_heads()
     before = {n: p.clone() for n, p in heads.state_dict().items()}
-    initial_auc = _auc(cache, score(cache.test, heads, cache.reference, "cpu"))
+    initial_auc = _auc(cache, score(cache.test, heads, cache.normal_mean, "cpu"))
     result, test_scores = train(cache, heads, LEARN, seed=0)
     aucs = [e["test_auc_roc"] for e in result.history]
     assert len(aucs) == 3 and aucs[-1] > 0.9 and aucs[-1] > initial_auc + 0.1
     assert all(torch.equal(before[n], p) for n, p in heads.state_dict().items())
     # the returned heads are theta_g of the last epoch: scoring them again gives the last epoch's test scores
-    again = score(cache.test, result.heads, cache.reference, "cpu")
+    again = score(cache.test, result.heads, cache.normal_mean, "cpu")
     np.testing.assert_allclose(again, test_scores[-1], rtol=1e-5, atol=1e-5)
     assert not result.heads.training
 
@@ -422,7 +355,7 @@ def test_ablations_run(cache, change):
     result, _ = train(cache, make_heads(), config, seed=0)
     assert len(result.history) == 2
     assert all(e["test_auc_roc"] is not None for e in result.history)
-    scores = score(cache.test, result.heads, cache.reference, "cpu")
+    scores = score(cache.test, result.heads, cache.normal_mean, "cpu")
     assert scores.shape == (40,) and np.isfinite(scores).all()
 
 
@@ -493,10 +426,10 @@ def test_ahl_trains_with_the_base_models_margin(cache):
     for margin in (2.0, 5.0):
         heads = make_heads(margin=margin).train()
         theta, buffers = dict(heads.named_parameters()), {n: b.clone() for n, b in heads.named_buffers()}
-        _, (loss,) = adapt(heads, theta, buffers, support, store.reference, 2e-4, False)
+        _, (loss,) = adapt(heads, theta, buffers, support, store.normal_mean, 2e-4, False)
         features, labels = support[0]
         with torch.no_grad():
-            scores = forward(heads, theta, {n: b.clone() for n, b in heads.named_buffers()}, features, store.reference)
+            scores = forward(heads, theta, {n: b.clone() for n, b in heads.named_buffers()}, features, store.normal_mean)
             expected = sum(
                 deviation_loss(scores[mask, h], target[mask], margin)
                 for h, (mask, target) in enumerate(heads.targets(labels)) if mask.any()
@@ -506,3 +439,25 @@ def test_ahl_trains_with_the_base_models_margin(cache):
     assert losses[2.0] != losses[5.0]
     official = initial_heads(make_heads(margin=2.0), "dra", True, [(6, 6), (3, 3)])
     assert official.margin == 2.0 and official.topk == 0.1
+
+
+def test_the_store_wraps_read_only_maps_without_a_warning(tmp_path):
+    """A cache's memory maps are read-only; 1 x 1 maps need no transposing copy, and torch warns about wrapping a
+    non-writable array (once per process, in every run's log)."""
+    import warnings
+
+    from ahl.method.store import _to_tensor
+
+    np.save(tmp_path / "x.npy", np.arange(24, dtype=np.float16).reshape(4, 6, 1, 1))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = _to_tensor(x, torch.device("cpu"))
+    assert t.shape == (4, 1, 1, 6) and torch.equal(t[:, 0, 0], torch.from_numpy(np.array(x[:, :, 0, 0])))
+
+
+def test_an_ahl_batch_larger_than_a_tasks_rows_is_refused_in_one_line():
+    cache, _ = make_cache()  # 60 normals, 6 seen: a task draws from at most 2 * 60 + 6 = 126 rows
+    with pytest.raises(UserError, match=r"ahl.batch_size = 127 is more than the 126 rows .* at most 126"):
+        train(cache, make_heads(), dataclasses.replace(FAST, batch_size=127), seed=0, device=torch.device("cpu"))
+    check_batch(126, 60, 6)  # the bound itself is allowed

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ahl import augment, draem, features
-from ahl.errors import UserError
+from ahl.core.errors import UserError
+from ahl.method import cache as features
+from ahl.pseudo import augment, draem
 
 SIZE = 128
 

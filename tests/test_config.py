@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ahl.config import from_params, load_yaml
-from ahl.errors import UserError
+from ahl.core.config import from_params, load_yaml
+from ahl.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
@@ -117,3 +117,24 @@ def test_a_stage_prints_one_line_and_exits_2(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?); known keys: batch_size"
     ]
+
+
+BOUNDS = [  # (section, key, the largest accepted value), as ahl/core/config.py's MAX_* give them
+    ("base", "epochs", 10_000), ("base", "steps_per_epoch", 100_000), ("base", "batch_size", 4_096),
+    ("ahl", "epochs", 10_000), ("ahl", "steps_per_epoch", 100_000), ("ahl", "update_step", 100_000),
+    ("ahl", "batch_size", 4_096), ("ahl", "eval_batch_size", 4_096), ("features", "batch_size", 4_096),
+    ("evaluate", "batch_size", 4_096), ("threshold", "batch_size", 4_096),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("section", "key", "high"), BOUNDS)
+def test_runaway_run_lengths_and_batches_are_one_line(section, key, high):
+    """base.epochs=1000000000000 used to train "epoch 113/1000000000000"; a batch of 10^8 swapped silently."""
+    raw = load_yaml(ROOT / "params.yaml")
+    cls = CONFIGS[section]
+    if section == "ahl":  # outer steps must divide the steps: keep them equal to 1
+        raw["ahl"]["outer_steps_per_epoch"] = 1
+    from_params(cls, {**raw[section], key: high}, section)  # the bound itself is accepted
+    with pytest.raises(UserError) as err:
+        from_params(cls, {**raw[section], key: high * 10**8}, section)
+    assert str(err.value).startswith(f"params.yaml: {section}.{key} = {high * 10**8} is above the limit of {high}")

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from ahl.core.errors import UserError
 from ahl.data import converters as conv
 from ahl.data.datasets import DATASETS, resolve
 from ahl.data.download import obtain
 from ahl.data.embedded import EmbeddedConfig, build_embedded
 from ahl.data.mvtec import load_image, read_subset
-from ahl.errors import UserError
 
 RNG = np.random.default_rng(0)
 

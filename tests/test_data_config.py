@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from ahl.core.errors import UserError
 from ahl.data.download import DataConfig, obtain
 from ahl.data.registry import Source
-from ahl.errors import UserError
 
-GOOD = {"split_seed": 42, "downloads": "data/downloads", "mirror": None, "local": None}
+GOOD = {"split_seed": 42, "downloads": "data/downloads", "mirror": None, "local": None, "max_pixels": 40_000_000}
 
 
 def test_good_values() -> None:
@@ -43,6 +43,9 @@ def test_no_defaults_params_yaml_is_the_one_source_of_values() -> None:
         ("downloads", "data/raw/downloads", "outside"),
         ("local", "./data/mvtec", "outside"),
         ("local", "", "non-empty"),
+        ("max_pixels", 0, ">= 1"),
+        ("max_pixels", 1.5, ">= 1"),
+        ("max_pixels", True, ">= 1"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key_and_the_fix(key: str, value: object, fix: str) -> None:

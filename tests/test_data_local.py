@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ahl.data import download
-from ahl.data.download import local_manifest, obtain
+from ahl.core.errors import UserError
+from ahl.data import local as local_data
+from ahl.data.download import obtain
+from ahl.data.local import local_manifest
 from ahl.data.registry import Source
-from ahl.errors import UserError
 
 SOURCE = Source(key="toy", url="https://example.org/toy.zip", marker="labels.csv")
 OLD = time.time() - 3600  # an mtime well before the hash cache's racy window
@@ -95,7 +96,7 @@ def test_manifest_of_a_folder_lists_every_file_sorted(tmp_path: Path) -> None:
     assert manifest["files"][0] == {
         "path": "images/a.png",
         "size": 10,
-        "sha256": download.sha256_file(local / "images" / "a.png"),
+        "sha256": local_data.sha256_file(local / "images" / "a.png"),
     }
     json.dumps(manifest)  # what the stage writes
 
@@ -132,8 +133,8 @@ def test_an_unchanged_tree_is_served_from_the_hash_cache(tmp_path: Path, monkeyp
     _age(local)
     cache = tmp_path / "downloads" / ".hash-cache.json"
     calls: list[str] = []
-    real_sha256 = download.sha256_file
-    monkeypatch.setattr(download, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))
+    real_sha256 = local_data.sha256_file
+    monkeypatch.setattr(local_data, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))
     first = local_manifest(local, hash_cache=cache)
     assert len(calls) == 3 and cache.is_file()
     assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # written atomically: no temporary left
@@ -151,8 +152,8 @@ def test_files_modified_just_now_are_not_cached(tmp_path: Path, monkeypatch: pyt
     cache = tmp_path / ".hash-cache.json"
     local_manifest(local, hash_cache=cache)
     calls: list[str] = []
-    real_sha256 = download.sha256_file
-    monkeypatch.setattr(download, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))
+    real_sha256 = local_data.sha256_file
+    monkeypatch.setattr(local_data, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))
     local_manifest(local, hash_cache=cache)
     assert len(calls) == 3
 
@@ -172,7 +173,7 @@ def test_manifest_of_an_archive(tmp_path: Path) -> None:
         "kind": "file",
         "name": "mvtec_anomaly_detection.tar.xz",
         "size": 100,
-        "sha256": download.sha256_file(archive),
+        "sha256": local_data.sha256_file(archive),
     }
     assert local_manifest(None) == {"kind": "none"}
     with pytest.raises(UserError, match="does not exist"):
@@ -185,3 +186,31 @@ def test_manifest_refuses_a_symlink_out_of_the_folder(tmp_path: Path) -> None:
     (local / "images" / "s.png").symlink_to(tmp_path / "secret.png")
     with pytest.raises(UserError, match="outside"):
         local_manifest(local)
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "notes.txt", "image.png"])
+def test_a_regular_file_that_is_not_an_archive_is_refused_before_anything_is_copied(tmp_path: Path, name: str) -> None:
+    local = tmp_path / name
+    local.write_text("not a dataset\n")
+    with pytest.raises(UserError, match=r"is a file but not a \.zip or \.tar.*archive.*folder") as manifest_error:
+        local_manifest(local)
+    raw = tmp_path / "raw"
+    with pytest.raises(UserError, match="is a file but not a"):
+        obtain(SOURCE, raw, downloads=tmp_path / "downloads", local=local, progress=False)
+    assert not raw.exists() and not list(tmp_path.glob(".raw.*")), "nothing is copied into the raw folder"
+    assert str(local) in str(manifest_error.value)
+
+
+def test_an_archive_of_yours_without_a_pinned_hash_gets_no_advice_to_edit_the_library(tmp_path, caplog):
+    import zipfile
+
+    archive = tmp_path / "mine.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("labels.csv", "images/a.png 0.0 mono\n")
+        z.writestr("images/a.png", b"a" * 10)
+    source = SOURCE  # no sha256 pinned
+    with caplog.at_level("INFO"):
+        obtain(source, tmp_path / "raw", downloads=tmp_path / "downloads", local=archive, progress=False)
+    assert (tmp_path / "raw" / "labels.csv").is_file()
+    assert "datasets.py" not in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "data/local.json records it" in caplog.text

@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_ahl import FAST, make_cache, make_heads
-from test_features import _splits
+from conftest import FAST, feature_splits, make_cache, make_heads
 
-from ahl.backbones import to_input
-from ahl.distributed import DistributedConfig, Group, process_group, under_torchrun
-from ahl.errors import UserError
-from ahl.features import CacheConfig, write_cache
-from ahl.model import BackboneConfig, build_model
-from ahl.runtime import plain
-from ahl.train import BaseConfig, BatchSampler, _Step, rank_backward, train_base, train_step
-from ahl.trainer import train_ahl
+from ahl.core.distributed import DistributedConfig, Group, process_group, under_torchrun
+from ahl.core.errors import UserError
+from ahl.core.runtime import plain
+from ahl.method.cache import CacheConfig, write_cache
+from ahl.method.train_ahl import train_ahl
+from ahl.models.backbones import to_input
+from ahl.models.base import BackboneConfig, build_model
+from ahl.models.train_base import BaseConfig, BatchSampler, _Step, rank_backward, train_base, train_step
 
 WORLD = 2
 
@@ -170,8 +169,8 @@ def _cache(group: Group, dataset, out):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model("dra", dataclasses.replace(BACKBONE, pretrained="imagenet"), topk=0.1, margin=5.0).eval()
-    reference = [torch.ones(320, 2, 2), torch.ones(320, 1, 1)]
-    write_cache(out, model, reference, _splits(dataset), CacheConfig(batch_size=4), seed=0, device="cpu", group=group)
+    normal_mean = [torch.ones(320, 2, 2), torch.ones(320, 1, 1)]
+    write_cache(out, model, normal_mean, feature_splits(dataset), CacheConfig(batch_size=4), seed=0, device="cpu", group=group)
 
 
 def test_feature_cache_from_two_ranks_is_identical_to_one(small_dataset, ranks, tmp_path):
@@ -193,3 +192,23 @@ def test_config_and_single_process():
     with process_group(torch.device("cpu")) as (group, device):
         assert group == Group() and group.is_main and group.owns(5) and device == torch.device("cpu")
     assert list(Group(1, 3).rows(7)) == [1, 4] and [Group(r, 2).owns(3) for r in range(2)] == [False, True]
+
+
+@pytest.mark.parametrize("stage", ["train_base", "features", "train_ahl"])
+def test_more_processes_than_cores_are_refused_before_anything_starts(stage, tmp_path):
+    """distributed.nproc above the usable cores (CPU) is one line from the stage itself, before torchrun starts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cores = len(os.sched_getaffinity(0))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["device"], params["distributed"]["nproc"] = "cpu", cores + 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run([sys.executable, f"stages/{stage}.py", "--params", str(tmp_path / "params.yaml")],
+                         cwd=root, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-800:]
+    expected = f"error: params.yaml: distributed.nproc = {cores + 1} is more than the {cores} CPU cores"
+    assert res.stderr.startswith(expected) and res.stderr.count("\n") == 1 and "torch.distributed.run" not in res.stdout

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from ahl.data import datasets, download
-from ahl.data.download import fetch, obtain, safe_extract, sha256_file
+from ahl.core.errors import UserError
+from ahl.data import datasets
+from ahl.data import fetch as fetching
+from ahl.data.archives import safe_extract
+from ahl.data.download import obtain
+from ahl.data.fetch import fetch, sha256_file
 from ahl.data.registry import Source
-from ahl.errors import UserError
 
-PAYLOAD = os.urandom(3 * download.CHUNK + 12345)  # several chunks, so a cut lands mid-file
+PAYLOAD = os.urandom(3 * fetching.CHUNK + 12345)  # several chunks, so a cut lands mid-file
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -120,7 +123,7 @@ def test_fetch_good_file(server: Server, tmp_path: Path) -> None:
 
 def test_fetch_without_pinned_hash_warns_with_the_hash(server: Server, tmp_path: Path, caplog) -> None:
     server.files["/data.bin"] = PAYLOAD
-    with caplog.at_level(logging.WARNING, logger="ahl.data.download"):
+    with caplog.at_level(logging.WARNING, logger="ahl.data.fetch"):
         fetch(f"{server.url}/data.bin", tmp_path / "data.bin", sha256=None, progress=False)
     assert PAYLOAD_SHA in caplog.text
 
@@ -140,7 +143,7 @@ def test_fetch_wrong_checksum(server: Server, tmp_path: Path) -> None:
 
 def test_fetch_resumes_after_a_cut(server: Server, tmp_path: Path) -> None:
     server.files["/data.bin"] = PAYLOAD
-    cut = download.CHUNK + 777
+    cut = fetching.CHUNK + 777
     server.cut_once["/data.bin"] = cut
     dest = tmp_path / "data.bin"
     part = dest.with_name("data.bin.part")
@@ -424,11 +427,12 @@ def test_obtain_local_full_mvtec_archive_extracts_one_category(tmp_path: Path, c
         [_file("carpet/train/good/000.png"), _file("carpet/test/hole/000.png"), _file("bottle/train/good/000.png")],
     )
     source = _source_of("carpet")
-    with caplog.at_level(logging.WARNING, logger="ahl.data.download"):
+    with caplog.at_level(logging.INFO, logger="ahl.data.download"):
         obtain(source, tmp_path / "raw", downloads=tmp_path / "downloads", local=archive, progress=False)
     assert (tmp_path / "raw/carpet/train/good/000.png").exists()
     assert not (tmp_path / "raw/bottle").exists()
-    assert sha256_file(archive) in caplog.text  # unknown local file: its hash is logged for pinning
+    assert sha256_file(archive) in caplog.text  # your own archive: its hash is logged, as data/local.json has it
+    assert "datasets.py" not in caplog.text
 
 
 def test_obtain_local_known_archive_with_wrong_hash(tmp_path: Path) -> None:

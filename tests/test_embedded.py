@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from skimage.morphology import dilation, disk
 
+from ahl.core.errors import UserError
 from ahl.data import embedded
 from ahl.data.embedded import DEFECTS, SUBSETS, EmbeddedConfig, build_embedded
-from ahl.errors import UserError
 
 SMALL = EmbeddedConfig(image_size=64, n_train=6, n_test_good=3, n_per_defect=2, seed=0)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import feature_splits
 
-from ahl.data.mvtec import load_images, read_subset
-from ahl.errors import UserError
-from ahl.features import CacheConfig, load_cache, write_cache
-from ahl.model import BackboneConfig, build_model
+from ahl.core.errors import UserError
+from ahl.method.cache import CacheConfig, load_cache, write_cache
+from ahl.models.base import BackboneConfig, build_model
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +20,13 @@ def model():
     return m
 
 
-def _splits(root):
-    sub = read_subset(root, "brick")
-    normals = list(sub.train_good[:6])
-    anomalies = list(sub.anomalies["hole"][:2])
-    test = list(sub.test_good[:3]) + list(sub.anomalies["crack"][:3])
-    part = lambda files, labels, classes: (load_images(sub.root, files, 64), labels, classes, files)  # noqa: E731
-    return {
-        "train_normal": part(normals, [0] * 6, ["good"] * 6),
-        "train_anomaly": part(anomalies, [1] * 2, ["hole"] * 2),
-        "test": part(test, [0, 0, 0, 1, 1, 1], ["good"] * 3 + ["crack"] * 3),
-    }
+
 
 
 def test_cache_shapes_dtypes_and_scoring_features(small_dataset, model, tmp_path):
-    splits = _splits(small_dataset)
-    reference = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
-    write_cache(tmp_path / "c", model, reference, splits, CacheConfig(batch_size=4), seed=0, device="cpu", meta={"x": 1})
+    splits = feature_splits(small_dataset)
+    normal_mean = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
+    write_cache(tmp_path / "c", model, normal_mean, splits, CacheConfig(batch_size=4), seed=0, device="cpu", meta={"x": 1})
     cache = load_cache(tmp_path / "c")
     assert cache.meta == {"x": 1} and cache.n_scales == 2
     assert sorted(cache.pseudo) == ["cutmix", "cutpaste", "draem"]
@@ -54,11 +44,11 @@ def test_cache_shapes_dtypes_and_scoring_features(small_dataset, model, tmp_path
     # pseudo anomalies differ from their normals, family by family
     for fam in cache.pseudo.values():
         assert not np.allclose(fam.scales[0], cache.train_normal.scales[0])
-    assert np.allclose(cache.reference[0], reference[0].numpy())
+    assert np.allclose(cache.normal_mean[0], normal_mean[0].numpy())
 
 
 def test_cache_is_deterministic_and_float32_option(small_dataset, model, tmp_path):
-    splits = _splits(small_dataset)
+    splits = feature_splits(small_dataset)
     ref = [torch.zeros(320, 2, 2), torch.zeros(320, 1, 1)]
     for name in ("a", "b"):
         write_cache(tmp_path / name, model, ref, splits, CacheConfig(families=("cutpaste", "cutmix")), seed=3, device="cpu")
@@ -70,14 +60,14 @@ def test_cache_is_deterministic_and_float32_option(small_dataset, model, tmp_pat
 
 
 def test_failure_midway_leaves_no_cache(small_dataset, model, tmp_path, monkeypatch):
-    import ahl.augment
+    import ahl.pseudo.maker
 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(ahl.features.PseudoAnomalyMaker, "make", broken)
+    monkeypatch.setattr(ahl.pseudo.maker.PseudoAnomalyMaker, "make", broken)
     with pytest.raises(RuntimeError):
-        write_cache(tmp_path / "c", model, [torch.zeros(320, 2, 2)] * 2, _splits(small_dataset), CacheConfig(), seed=0, device="cpu")
+        write_cache(tmp_path / "c", model, [torch.zeros(320, 2, 2)] * 2, feature_splits(small_dataset), CacheConfig(), seed=0, device="cpu")
     assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="not a complete feature cache"):
         load_cache(tmp_path / "c")
@@ -93,9 +83,9 @@ def test_cache_config_errors():
 
 
 def test_a_corrupt_or_truncated_cache_is_a_one_line_error(small_dataset, model, tmp_path):
-    reference = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
+    normal_mean = [torch.randn(320, 2, 2), torch.randn(320, 1, 1)]
     config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=8)
-    write_cache(tmp_path / "c", model, reference, _splits(small_dataset), config, seed=0, device="cpu")
+    write_cache(tmp_path / "c", model, normal_mean, feature_splits(small_dataset), config, seed=0, device="cpu")
     index = tmp_path / "c" / "index.json"
     good = index.read_text()
     index.write_text(good[: len(good) // 2])
@@ -111,8 +101,8 @@ def test_a_corrupt_or_truncated_cache_is_a_one_line_error(small_dataset, model, 
 def test_draem_textures_stretched_once_give_the_same_pseudo_anomalies():
     """The maker keeps each in-memory DRAEM texture stretched to the image size: the pseudo anomalies are the
     ones draem() makes from the original texture with the same random stream, bit for bit."""
-    from ahl.draem import draem
-    from ahl.features import PseudoAnomalyMaker
+    from ahl.pseudo.draem import draem
+    from ahl.pseudo.maker import PseudoAnomalyMaker
 
     rng = np.random.default_rng(0)
     normals = rng.integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)

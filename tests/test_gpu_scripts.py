@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_cuda  # noqa: E402
 
-from ahl.model import BackboneConfig  # noqa: E402
-from ahl.runtime import Runtime  # noqa: E402
+from ahl.core.runtime import Runtime  # noqa: E402
+from ahl.models.base import BackboneConfig  # noqa: E402
 
 
 def test_bench_cuda_dry_run_names_the_backbone_and_both_ahl_runs(capsys):

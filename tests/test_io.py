@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from ahl.errors import UserError
-from ahl.io import atomic_dir, atomic_path, write_json
+from ahl.core.errors import UserError
+from ahl.core.io import atomic_dir, atomic_path, write_json
 
 KILLED_WRITER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from ahl.io import atomic_dir
+from ahl.core.io import atomic_dir
 with atomic_dir({out!r}) as tmp:
     (tmp / "part.npy").write_bytes(b"x" * 10)
     print(tmp, flush=True)
@@ -65,3 +65,22 @@ def test_a_full_disk_is_a_user_error_naming_the_output_and_leaves_nothing(tmp_pa
             tmp.write_bytes(b"x")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_cells_that_start_a_formula_are_written_as_text(tmp_path):
+    import pandas as pd
+
+    from ahl.core.spreadsheet import write_csv
+
+    table = pd.DataFrame({
+        "file": ["=1+1", "+A1", "-cmd", "@SUM(A1)", "\tx", "\ry", "test/=1+1/000.png", "ok"],
+        "score": [-1.5, 2.0, -3.0, 0.0, 1.0, 2.0, 3.0, 4.0],  # negative numbers are numbers
+        "flag": [True, False, pd.NA, True, False, True, False, True],
+    })  # fmt: skip
+    write_csv(tmp_path / "t.csv", table)
+    back = pd.read_csv(tmp_path / "t.csv", keep_default_na=False)
+    assert back["file"].tolist()[:6] == ["'=1+1", "'+A1", "'-cmd", "'@SUM(A1)", "'\tx", "'\ry"]
+    assert back["file"].tolist()[6:] == ["test/=1+1/000.png", "ok"]
+    assert back["score"].tolist() == table["score"].tolist()
+    assert back["flag"].astype(str).tolist()[:3] == ["True", "False", ""]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # atomic: no temp file left

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ahl.metrics import auc_roc_pr, compute_metrics
+from ahl.evaluation.image_metrics import auc_roc_pr, compute_metrics
 
 # 3 normals, 2 anomalies of the seen class "a", 1 of the unseen class "b" (a class with one sample).
 LABELS = [0, 0, 0, 1, 1, 1]

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from ahl.backbones import build_backbone, multiscale
-from ahl.devnet import DevNetHeads
-from ahl.dra import DRAHeads
-from ahl.errors import UserError
-from ahl.heads import conv_as_matmul, topk_mean
-from ahl.losses import deviation_loss
-from ahl.model import BackboneConfig, load_base_heads, load_checkpoint, save_checkpoint
-from ahl.train import BaseConfig, BatchSampler, train_base
+from ahl.core.errors import UserError
+from ahl.models.backbones import build_backbone, multiscale
+from ahl.models.base import BackboneConfig, load_base_heads, load_checkpoint, save_checkpoint
+from ahl.models.devnet import DevNetHeads
+from ahl.models.dra import DRAHeads
+from ahl.models.heads import conv_as_matmul, topk_mean
+from ahl.models.losses import deviation_loss
+from ahl.models.train_base import BaseConfig, BatchSampler, train_base
 
 
 def test_deviation_loss_values():
@@ -31,10 +31,10 @@ def test_deviation_loss_with_a_sampled_reference_standardises_by_its_mean_and_st
     r = torch.tensor([-1.0, 0.0, 3.0])  # mean 2/3, std sqrt(13/3) (unbiased, as torch.std and the official code)
     dev = (s - 2 / 3) / (13 / 3) ** 0.5
     expected = (dev[0].abs() + dev[1].abs() + (5 - dev[2]).clamp(min=0) + (5 - dev[3]).clamp(min=0)) / 4
-    assert deviation_loss(s, y, reference=r).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert deviation_loss(s, y, draws=r).item() == pytest.approx(expected.item(), rel=1e-6)
     heads = DevNetHeads(8, topk=0.1, margin=5.0)
     scores = s[:, None]
-    assert heads.loss(scores, y, reference=r[None]).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert heads.loss(scores, y, draws=r[None]).item() == pytest.approx(expected.item(), rel=1e-6)
     assert heads.loss(scores, y).item() == pytest.approx(deviation_loss(s, y).item())
 
 
@@ -55,8 +55,8 @@ def test_dra_heads_shapes_targets_and_gradients():
         torch.manual_seed(0)
         heads = DRAHeads(8, topk=0.1, margin=5.0, hidden=16)
     feats = _features()
-    reference = [f[:2].mean(0) for f in feats]
-    scores = heads(feats, reference)
+    normal_mean = [f[:2].mean(0) for f in feats]
+    scores = heads(feats, normal_mean)
     assert scores.shape == (6, 4) and heads.final_score(scores).shape == (6,)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     masks = heads.targets(labels)
@@ -73,7 +73,7 @@ def test_dra_heads_shapes_targets_and_gradients():
 
 def test_dra_needs_reference_and_official_geometry_shrinks_the_map():
     heads = DRAHeads(8, topk=0.1, margin=5.0)
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="normal_mean"):
         heads(_features(), None)
     official = DRAHeads(8, topk=0.1, margin=5.0, official_geometry=True)
     x = torch.randn(2, 8, 14, 14)
@@ -109,15 +109,15 @@ def test_conv_as_matmul_equals_the_convolution_and_its_gradients(kernel, stride,
     assert torch.equal(conv_as_matmul(x, grouped), grouped(x))
     # with a reference: conv(reference - x), the difference taken while the patches are gathered, bitwise the same
     # values as subtracting first (x without gradient, as AHL's cached features; and with one)
-    reference = torch.randn(16, 14, 14, dtype=torch.float64)
+    normal_mean = torch.randn(16, 14, 14, dtype=torch.float64)
     for x in (
         torch.randn(3, 16, 14, 14, dtype=torch.float64),
         torch.randn(3, 16, 14, 14, dtype=torch.float64).requires_grad_(),
     ):
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        assert torch.equal(conv_as_matmul(x, conv, reference), conv_as_matmul(reference[None] - x, conv))
+        assert torch.equal(conv_as_matmul(x, conv, normal_mean), conv_as_matmul(normal_mean[None] - x, conv))
         with torch.no_grad():
-            assert torch.equal(conv_as_matmul(x, conv, reference), conv(reference[None] - x))
+            assert torch.equal(conv_as_matmul(x, conv, normal_mean), conv(normal_mean[None] - x))
 
 
 @pytest.mark.parametrize("official_geometry", [True, False])
@@ -125,15 +125,15 @@ def test_composite_residual_in_training_is_the_convolution_of_the_difference(off
     """The composite head's conv(reference - x) -> BatchNorm -> ReLU in training (official geometry: the difference
     taken while the patches are gathered) equals that of the plain convolution, outputs and gradients (float64);
     scoring (no gradient) computes conv(reference - x) itself, bitwise."""
-    from ahl.dra import CompositeHead
+    from ahl.models.dra import CompositeHead
 
     torch.manual_seed(0)
     head = CompositeHead(16, official_geometry=official_geometry).double()
     x = torch.randn(4, 16, 14, 14, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    reference = torch.randn(16, 14, 14, dtype=torch.float64)
+    normal_mean = torch.randn(16, 14, 14, dtype=torch.float64)
     conv, norm, relu = head.conv
-    got = head.residual(x, reference)
-    expected = relu(norm(conv(reference[None] - x)))
+    got = head.residual(x, normal_mean)
+    expected = relu(norm(conv(normal_mean[None] - x)))
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     grad = torch.randn_like(expected)
     wrt = [conv.weight, conv.bias, norm.weight]
@@ -141,7 +141,7 @@ def test_composite_residual_in_training_is_the_convolution_of_the_difference(off
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
     head.eval()
     with torch.no_grad():
-        assert torch.equal(head.residual(x, reference), relu(norm(conv(reference[None] - x))))
+        assert torch.equal(head.residual(x, normal_mean), relu(norm(conv(normal_mean[None] - x))))
 
 
 def test_devnet_head():
@@ -190,11 +190,11 @@ def test_sampled_deviation_reference_keeps_the_batches_and_changes_only_the_loss
     )
     sampled_cfg = BaseConfig(model="dra", batch_size=12, n_ref=2, deviation_reference="sampled")
     sampled = BatchSampler(normals, normals[:3], sampled_cfg, np.random.default_rng(1))
-    assert standard.reference_draws(4, "cpu") is None
+    assert standard.gaussian_draws(4, "cpu") is None
     for _ in range(3):
         a, b = standard(), sampled()
         assert all(np.array_equal(x, y) for x, y in zip(a, b))  # the same batches: a paired comparison
-        draws = sampled.reference_draws(4, "cpu")
+        draws = sampled.gaussian_draws(4, "cpu")
         assert draws.shape == (4, 5000) and abs(float(draws.mean())) < 0.05 and abs(float(draws.std()) - 1) < 0.05
     with pytest.raises(UserError, match="base.deviation_reference must be one of standard, sampled"):
         BaseConfig(deviation_reference="drawn")
@@ -260,7 +260,7 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
     assert loaded.model.heads.margin == a.model.heads.margin == 3.0  # AHL trains with base.margin
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(x, loaded.reference), a.model.eval()(x, a.reference))
+        assert torch.allclose(loaded.model(x, loaded.normal_mean), a.model.eval()(x, a.normal_mean))
     with pytest.raises(UserError, match="missing checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
     heads, meta = load_base_heads(tmp_path / "m.pt")  # what train_ahl starts from: no backbone built
@@ -271,7 +271,7 @@ def test_train_base_is_deterministic_and_checkpoint_roundtrips(tmp_path, model):
 
 
 def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):
-    from ahl.model import load_heads, save_heads
+    from ahl.models.base import load_heads, save_heads
 
     heads = DRAHeads(8, topk=0.1, margin=5.0, official_geometry=True)
     meta = {"model": "dra", "in_channels": 8, "topk": 0.1, "margin": 5.0, "members": 0, "official_geometry": True}
@@ -279,9 +279,9 @@ def test_heads_checkpoint_roundtrip_keeps_the_official_geometry(tmp_path):
     loaded, _ = load_heads(tmp_path / "h.pt")
     assert loaded.composite_head.conv[0].stride == (3, 3) and loaded.composite_head.conv[0].padding == (0, 0)
     feats = [torch.randn(2, 8, 9, 9)]
-    reference = [torch.randn(8, 9, 9)]
+    normal_mean = [torch.randn(8, 9, 9)]
     with torch.no_grad():
-        assert torch.allclose(loaded(feats, reference), heads.eval()(feats, reference))
+        assert torch.allclose(loaded(feats, normal_mean), heads.eval()(feats, normal_mean))
 
 
 class _Payload:
@@ -298,7 +298,7 @@ class _Payload:
 
 @pytest.mark.parametrize("loader", ["checkpoint", "heads"])
 def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, loader):
-    from ahl.model import load_heads
+    from ahl.models.base import load_heads
 
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as f:
@@ -310,3 +310,17 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, load
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load(tmp_path / "junk.pt")
+
+
+def test_a_batch_larger_than_the_training_images_is_refused():
+    """base.batch_size above normals + seen anomalies only repeats images: one line before any model is built."""
+    normals = np.zeros((8, 64, 64, 3), np.uint8)
+    bb = BackboneConfig(name="efficientnet_lite0", pretrained="none", image_size=64, n_scales=2)
+    train_base(normals, normals[:2], bb, BaseConfig(model="devnet", epochs=1, steps_per_epoch=1, batch_size=10),
+               seed=0, device=torch.device("cpu"))  # fmt: skip  # exactly the images: accepted
+    with pytest.raises(UserError) as err:
+        train_base(normals, normals[:2], bb, BaseConfig(model="devnet", batch_size=11), seed=0, device="cpu")
+    assert str(err.value) == (
+        "params.yaml: base.batch_size = 11 is more than the 10 training images (8 normals, 2 seen anomalies); "
+        "set it to at most 10 (the papers: 48)"
+    )

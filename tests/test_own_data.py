@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import hostile_names, tree_digest
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
+from ahl.core.errors import UserError
 from ahl.data import own
 from ahl.data.datasets import select, selected_dataset
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig
-from ahl.errors import UserError
 
 M2 = ProtocolConfig(n_anomalies=2, test_set_m=2)
 
@@ -116,7 +119,7 @@ def test_your_own_folder_runs_through_the_whole_pipeline(small_dataset, tmp_path
     normals); the MVTec layout differs only in what convert does, tested above."""
     import json
 
-    from test_pipeline import Repo, tiny_params
+    from conftest import Repo, tiny_params
 
     local = make_own(small_dataset, tmp_path_factory.mktemp("mydata"), layout="folder")
     repo = Repo(tmp_path_factory.mktemp("own"), tiny_params())
@@ -129,3 +132,85 @@ def test_your_own_folder_runs_through_the_whole_pipeline(small_dataset, tmp_path
     assert "f1" in metrics["ahl"]["at_threshold"]
     assert set(json.loads((repo.path / "models/thresholds.json").read_text())) == {"base", "ahl", "inputs"}
     assert metrics["base"]["n_test"]["normal"] == 5  # 3:1 of the 18 normals by data.split_seed
+
+    # an edit that breaks the folder is caught by selection, before anything else reruns (it depends on
+    # data/local.json, which local_manifest rewrites on every repro)
+    for defect in ("crack", "foreign", "hole", "scratch", "stain"):
+        shutil.rmtree(local / "mine" / defect, ignore_errors=True)
+    res = repo.dvc("exp", "run", "-S", "classname=mine", "-S", f"data.local={local}", check=False)
+    assert res.returncode != 0 and "failed to reproduce 'selection'" in res.stderr, res.stdout + res.stderr
+    assert "no anomal" in res.stdout + res.stderr and "Traceback" not in res.stdout + res.stderr
+    assert repo.ran(res.stdout) == {"local_manifest", "selection"}
+
+
+@pytest.mark.parametrize("what", ["image", "mask"])
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_unreadable_file_of_yours_is_named_as_yours_and_nothing_is_written(small_dataset, tmp_path, damage, what):
+    """Converted from a copy under data/raw (as the pipeline does), the error names data.local/mine/..., the file
+    the user can fix, not the copy."""
+    local = make_own(small_dataset, tmp_path / "mydata")
+    folder = local / "mine" / ("train/good" if what == "image" else "ground_truth/crack")
+    bad = sorted(folder.iterdir())[1]
+    data = bad.read_bytes()
+    bad.write_bytes(b"these bytes are no image" if damage == "not an image" else data[: len(data) // 2])
+    raw = tmp_path / "data" / "raw" / "own"
+    shutil.copytree(local, raw)
+    with pytest.raises(UserError) as err:
+        selected_dataset(select("mine", local, M2)).convert(raw, tmp_path / "out", seed=42)
+    message = str(err.value)
+    yours = Path("data.local") / bad.relative_to(local)
+    assert f"cannot read {yours} of your data" in message and "\n" not in message, message
+    assert str(raw) not in message and "raw" not in message.split(" of your data")[0]
+    assert not (tmp_path / "out" / "mine").exists()
+
+
+def test_an_image_above_data_max_pixels_is_skipped_with_its_mask_and_the_rest_converted(
+    small_dataset, tmp_path, caplog
+):
+    """A huge file (here: above a low limit) is refused from its header, with its mask; the others are converted."""
+    local = make_own(small_dataset, tmp_path / "mydata")
+    big = sorted((local / "mine" / "test" / "crack").iterdir())[0]
+    Image.open(big).resize((128, 128)).save(big)
+    mask = local / "mine" / "ground_truth" / "crack" / f"{big.stem}_mask.png"
+    assert mask.is_file()
+    with caplog.at_level(logging.WARNING):
+        selected_dataset(select("mine", local, M2), max_pixels=64 * 64).convert(local, tmp_path / "out", seed=42)
+    name = Path("data.local") / big.relative_to(local)
+    assert f"skipped: {name} is 128 x 128 = 16,384 pixels, above the limit of 4,096 (data.max_pixels)" in caplog.text
+    out = tmp_path / "out" / "mine"
+    n_crack = len(list((local / "mine" / "test" / "crack").iterdir()))
+    assert len(list((out / "test" / "crack").iterdir())) == n_crack - 1
+    assert not (out / "ground_truth" / "crack" / mask.name).exists()
+    assert len(list((out / "ground_truth" / "crack").iterdir())) == n_crack - 1
+    assert len(list((out / "train" / "good").iterdir())) == len(list((local / "mine" / "train" / "good").iterdir()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(classname=hostile_names(on_disk=False), defect=hostile_names(on_disk=True), folder=hostile_names(on_disk=True))
+def test_fuzzed_names_convert_or_give_one_line_and_write_nothing_outside(small_dataset, classname, defect, folder):
+    """Own data whose classname (any string), folder name and defect name are hostile: selection and convert
+    either work or stop with a one-line UserError, and nothing outside the temporary project changes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        outside = root / "outside"
+        shutil.copytree(small_dataset / "brick", outside / "brick")
+        project = root / "project"
+        local = project / folder
+        brick = small_dataset / "brick"
+        target = local / classname if path_like_ok(classname) else local / "mine"
+        for split in ("train/good", "test/good"):
+            shutil.copytree(brick / split, target / split)
+        shutil.copytree(brick / "test" / "crack", target / "test" / defect)
+        before = tree_digest(outside)
+        try:
+            selected = select(classname, local, M2)
+            selected_dataset(selected).convert(local, project / "data" / "mvtec", seed=42)
+        except UserError as err:
+            assert "\n" not in str(err) and "\r" not in str(err), repr(str(err))
+        assert tree_digest(outside) == before
+        written = [p for p in root.rglob("*") if not (p.is_relative_to(project) or p.is_relative_to(outside))]
+        assert written == [], written
+
+
+def path_like_ok(name: str) -> bool:
+    return "/" not in name and "\x00" not in name and name not in (".", "..", "") and len(name.encode()) <= 100

@@ -19,13 +19,12 @@ from torch import nn
 
 from benchmarks.parity import run as run_mod
 from benchmarks.parity import units
+from benchmarks.parity.common import MissingCheckout, check_checkout
 from benchmarks.parity.official_runner import handover_lists, install_handover, write_handover
 from benchmarks.parity.shims import (
     FeatureBody,
-    MissingCheckout,
     Patches,
     ScoreRecorder,
-    check_checkout,
     import_official,
     official_path,
     replace_backbone,
@@ -416,13 +415,17 @@ def test_ours_runs_every_stage_of_dvc_yaml_in_its_order(tmp_path):
 
 
 def test_units_uses_only_what_the_adapter_exports():
-    """units.py reaches our library only through benchmarks/parity/ours.py; every name it uses must exist there
-    (a library rename once broke the image-level rows in the middle of a run)."""
+    """The harness (units.py's checks in unit_checks/, the scripts) reaches our library only through
+    benchmarks/parity/ours.py; every name a module that imports it uses must exist there (a library rename once
+    broke the image-level rows in the middle of a run)."""
     import re
 
     from benchmarks.parity import ours
 
-    source = "".join((ROOT / "benchmarks/parity" / f).read_text() for f in ("units.py", "reference_effect.py"))
+    texts = {f: f.read_text() for f in sorted((ROOT / "benchmarks/parity").rglob("*.py"))}
+    users = [f for f, text in texts.items() if "from benchmarks.parity import ours" in text]
+    assert ROOT / "benchmarks/parity/unit_checks/dra.py" in users and ROOT / "benchmarks/parity/reference_effect.py" in users
+    source = "".join(texts[f] for f in users)
     used = set(re.findall(r"\bours\.([A-Za-z_][A-Za-z_0-9]*)", source))
     assert used and not [name for name in sorted(used) if not hasattr(ours, name)]
 

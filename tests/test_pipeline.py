@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,87 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import Repo, tiny_params
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.pipeline
-
-TINY = {
-    "embedded": {"image_size": 64, "n_train": 12, "n_test_good": 6, "n_per_defect": 5, "seed": 0},
-    "protocol": {"n_anomalies": 2, "test_set_m": 2},
-    "backbone": {"image_size": 64, "n_scales": 2},
-    "base": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 2},
-    "features": {"batch_size": 16},
-    "ahl": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 6, "update_step": 1, "history": 1,
-            "pool_pseudo_per_family": 4, "hadg": {"n_clusters": 2, "min_cluster_size": 1}},
-}
-
-
-def _merge(params: dict, override: dict) -> dict:
-    for key, value in override.items():
-        if isinstance(value, dict):
-            params[key] = _merge(dict(params.get(key) or {}), value)
-        else:
-            params[key] = value
-    return params
-
-
-def tiny_params(override: dict | None = None) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    _merge(params, TINY)
-    return _merge(params, override or {})
-
-
-class Repo:
-    """A copy of the project in a fresh git repository with DVC initialised."""
-
-    def __init__(self, path: Path, params: dict):
-        self.path = path
-        for name in ("ahl", "stages", "scripts", "docs"):
-            shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
-        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        self.env = {
-            **os.environ,
-            "DVC_NO_ANALYTICS": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-        }
-        self.env.pop("DVC_SITE_CACHE_DIR", None)
-        self.git("init", "-q")
-        self.dvc("init", "-q")
-        self.dvc("config", "core.site_cache_dir", str(path / ".dvc-site-cache"))
-        self.git("add", "-A")
-        self.git("commit", "-qm", "init")
-
-    @classmethod
-    def existing(cls, path: Path, env: dict) -> Repo:
-        """The repository already at ``path`` (a copy, a git clone), given its own DVC site cache."""
-        repo = object.__new__(cls)  # not __init__: nothing is copied or initialised
-        repo.path, repo.env = path, env
-        repo.dvc("config", "--local", "core.site_cache_dir", str(path / ".dvc-site-cache"))
-        return repo
-
-    def copy(self, path: Path) -> Repo:
-        """A copy of this repository (work tree, git, DVC cache) at ``path``, with its own DVC site cache."""
-        shutil.copytree(self.path, path, symlinks=True, ignore=shutil.ignore_patterns(".dvc-site-cache"))
-        return Repo.existing(path, self.env)
-
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        res = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-        return res
-
-    def git(self, *args: str) -> str:
-        return self.run("git", *args).stdout
-
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
-
-    def ran(self, out: str) -> set[str]:
-        return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-
 
 def scores_of(repo: Repo) -> list[str]:
     """The rows of results/scores.csv (one per test image)."""
@@ -190,12 +111,12 @@ def check_report(path: Path) -> None:
 
 
 def test_predict_gives_evaluates_scores(repo, tmp_path):
-    """`python -m ahl.predict` on the demo's test images: evaluate's scores (results/scores.csv) for the same images.
+    """`python -m ahl.deploy.predict` on the demo's test images: evaluate's scores (results/scores.csv) for the same images.
     Both files print 6 significant digits (rtol 1e-5); AHL also allows a float16 rounding of the cache flipped by a
     batch of another size (atol 5e-4 in score units, see tests/test_predict.py)."""
     out, heat = tmp_path / "predictions.csv", tmp_path / "heat"
     res = repo.run(
-        sys.executable, "-m", "ahl.predict", "data/mvtec/brick/test", "--out", str(out), "--heatmaps", str(heat)
+        sys.executable, "-m", "ahl.deploy.predict", "data/mvtec/brick/test", "--out", str(out), "--heatmaps", str(heat)
     )
     assert "files ->" in res.stdout
     predicted = pd.read_csv(out).assign(file=lambda t: t["path"].str.removeprefix("data/mvtec/brick/"))
@@ -267,6 +188,35 @@ def test_bad_classname_is_one_line_and_leaves_nothing(repo):
     assert "error: unknown classname 'nope'; known classnames: AITEX" in res.stderr + res.stdout
 
 
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_a_classname_that_is_a_path_is_refused_and_nothing_outside_changes(repo, small_dataset, tmp_path):
+    """classname=/elsewhere/tiles (or ../.., or a lookalike slash) used to make convert read that folder and write
+    into it; now every stage refuses it in one line, and the folder outside the project is byte for byte as before."""
+    outside = tmp_path / "other" / "tiles"
+    shutil.copytree(small_dataset / "brick", outside)
+    before = _tree_digest(tmp_path / "other")
+    depth = len(repo.path.resolve().parts) - 1
+    paths = [str(outside), "../" * depth + str(outside).lstrip("/")]
+    for name in paths:  # through DVC, as a shared params.yaml or experiment would bring them
+        res = repo.dvc("exp", "run", "-S", f"classname={name}", check=False)
+        assert res.returncode != 0, name
+        assert f"error: params.yaml: classname = {name!r}" in res.stderr + res.stdout, (name, res.stderr[-500:])
+    # by hand (names DVC's -S grammar itself rejects: lookalike slash, backslash, .., NUL), each stage run plainly
+    odd = ["other\u2215tiles", "tiles\\..", "..", "a\x00b"]
+    for name, stage in [(n, "selection") for n in paths + odd] + [(paths[0], "convert"), (paths[1], "split")]:
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params({"classname": name})))
+        res = repo.run(sys.executable, f"stages/{stage}.py", "--params", str(tmp_path / "p.yaml"), check=False)
+        assert res.returncode == 2 and res.stderr.startswith("error: params.yaml: classname = "), res.stderr[-500:]
+        assert res.stderr.count("\n") == 1
+    assert _tree_digest(tmp_path / "other") == before
+
+
 def test_stage_runs_as_plain_python_without_dvc(repo, tmp_path):
     params = tiny_params({"protocol": {"n_anomalies": 99, "test_set_m": 2}})
     bad = tmp_path / "params.yaml"
@@ -320,9 +270,10 @@ def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
     assert repo.ran(repo.dvc("repro").stdout) == {"local_manifest", "split"}  # the split comes back, nothing else
 
 
-def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp_path_factory):
+def test_editing_the_data_local_folder_reruns_its_checks_and_download_and_nothing_else_does(tmp_path_factory):
     """data.local lives outside DVC: the local_manifest stage hashes it on every repro, so an edit in place reruns
-    download (and what follows) while an unchanged folder reruns nothing."""
+    selection (the folder's checks, before anything else) and download (and what follows), while an unchanged
+    folder reruns nothing."""
     from test_converters import make_headct
 
     raw = make_headct(tmp_path_factory.mktemp("headct-raw"))
@@ -333,7 +284,7 @@ def test_editing_the_data_local_folder_reruns_download_and_nothing_else_does(tmp
     image = raw / "head_ct" / "head_ct" / "000.png"
     image.write_bytes((raw / "head_ct" / "head_ct" / "001.png").read_bytes())  # an edit in place
     again = repo.dvc("repro", "download")
-    assert repo.ran(again.stdout) == {"local_manifest", "download"}
+    assert repo.ran(again.stdout) == {"local_manifest", "selection", "download"}
     manifest = json.loads((repo.path / "data/local.json").read_text())
     assert manifest["kind"] == "folder" and any(f["path"].endswith("000.png") for f in manifest["files"])
 

@@ -1,4 +1,4 @@
-"""Shared results through a DVC remote (README "Sharing results"): one clone runs the pipeline and pushes; another
+"""Shared results through a DVC remote (docs/sharing.md): one clone runs the pipeline and pushes; another
 clone of the same git repository pulls, has nothing to reproduce and shows the same metrics; experiments travel
 with `dvc exp push/pull origin`. The remote is a local folder and origin a bare git repository, both temporary."""
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pipeline import Repo
+from conftest import Repo
 
 pytestmark = pytest.mark.pipeline
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from ahl.data.mvtec import read_subset
-from ahl.devnet import DevNetHeads
-from ahl.dra import DRAHeads
-from ahl.heads import HeadsEnsemble, topk_mean
-from ahl.localize import heatmaps, overlay, patch_maps
-from ahl.pixel_metrics import aupro, load_masks, mask_file, pixel_metrics, pro_curve
+from ahl.evaluation.localize import heatmaps, patch_maps
+from ahl.evaluation.overlay import overlay
+from ahl.evaluation.pixel_metrics import aupro, load_masks, mask_file, pixel_metrics, pro_curve
+from ahl.models.devnet import DevNetHeads
+from ahl.models.dra import DRAHeads
+from ahl.models.heads import HeadsEnsemble, topk_mean
 
 
 def one_region(scores):
@@ -104,19 +105,19 @@ def test_patch_maps_are_what_the_heads_pool(heads_cls):
     torch.manual_seed(0)
     heads = heads_cls(8, topk=0.25, margin=5.0).eval()
     features = [torch.randn(3, 8, 4, 4), torch.randn(3, 8, 2, 2)]
-    reference = [torch.randn(8, 4, 4), torch.randn(8, 2, 2)]
-    maps = patch_maps(heads, features, reference)
+    normal_mean = [torch.randn(8, 4, 4), torch.randn(8, 2, 2)]
+    maps = patch_maps(heads, features, normal_mean)
     with torch.no_grad():
-        per_head = heads.score_scale(features[0], reference[0])  # (B, n_heads) at the full-size scale
+        per_head = heads.score_scale(features[0], normal_mean[0])  # (B, n_heads) at the full-size scale
         spatial = [n for n in heads.head_names if n != "holistic"]
         for m, name in zip(maps, spatial, strict=True):
             assert m.shape == (3, 4, 4)
             pooled = topk_mean(m[:, None], heads.topk)  # |.| of a non-negative map is the map
             assert torch.allclose(pooled, per_head[:, heads.head_names.index(name)])
-    heat = heatmaps(heads, features, reference, 16)
+    heat = heatmaps(heads, features, normal_mean, 16)
     assert heat.shape == (3, 16, 16) and (heat >= 0).all()
     ensemble = HeadsEnsemble([heads, heads])  # two equal members: the averaged map is the member's map
-    assert torch.allclose(heatmaps(ensemble, features, reference, 16), heat)
+    assert torch.allclose(heatmaps(ensemble, features, normal_mean, 16), heat)
 
 
 def test_overlay_is_per_image_and_keeps_the_image_size():

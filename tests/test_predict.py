@@ -1,6 +1,6 @@
 """`ahl predict` on the embedded demo's images with a small real (untrained) DRA model and AHL heads saved as the
-pipeline saves them: the scores are the ones the stages compute (base: score_images; AHL: the feature cache and
-score_features), heatmaps are written, unreadable files are listed, bad paths are clear errors.
+pipeline saves them: the scores are the ones the stages compute (base: the model's forward pass; AHL: the feature
+cache and score_features), heatmaps are written, unreadable files are listed, bad paths are clear errors.
 
 The match with evaluate's own results/scores.csv after a real `dvc repro` is tested in tests/test_pipeline.py."""
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,15 +19,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import hostile_names, tree_digest
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from ahl import cli, provenance
+from ahl.core import provenance
+from ahl.core.errors import UserError
 from ahl.data.mvtec import load_images, read_subset
-from ahl.errors import UserError
-from ahl.features import CacheConfig, load_cache, write_cache
-from ahl.model import BackboneConfig, Checkpoint, build_model, load_checkpoint, load_heads, save_checkpoint, save_heads
-from ahl.predict import parser, predict
-from ahl.scoring import score_features, score_images
+from ahl.deploy import cli
+from ahl.deploy.predict import parser, predict
+from ahl.method.cache import CacheConfig, load_cache, write_cache
+from ahl.method.forward import score_features
+from ahl.models.backbones import to_input
+from ahl.models.base import (
+    BackboneConfig,
+    Checkpoint,
+    build_model,
+    load_checkpoint,
+    load_heads,
+    save_checkpoint,
+    save_heads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -42,10 +56,10 @@ def run_dir(small_dataset, tmp_path_factory) -> Path:
     subset = read_subset(small_dataset, "brick")
     normals = load_images(subset.root, subset.train_good, SIZE)
     with torch.no_grad():
-        reference = [f.mean(0) for f in model.features(torch.from_numpy(normals[:3]).permute(0, 3, 1, 2) / 255.0)]
+        normal_mean = [f.mean(0) for f in model.features(torch.from_numpy(normals[:3]).permute(0, 3, 1, 2) / 255.0)]
     meta = {"model": "dra", "backbone": asdict(backbone), "topk": 0.1, "margin": 5.0}
     (out / "models").mkdir()
-    save_checkpoint(out / "models/base.pt", Checkpoint(model, reference, meta))
+    save_checkpoint(out / "models/base.pt", Checkpoint(model, normal_mean, meta))
     with torch.no_grad():  # AHL's heads: the base heads moved a little (as training would)
         heads = build_model("dra", backbone, topk=0.1, margin=5.0, warn=False).heads
         heads.load_state_dict(model.heads.state_dict())
@@ -62,7 +76,7 @@ def run_dir(small_dataset, tmp_path_factory) -> Path:
         for name, files in (("train_normal", subset.train_good), ("train_anomaly", test[-2:]), ("test", test))
     }
     config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=7, pseudo_rotation=0.0)  # not predict's 32
-    write_cache(out / "cache", model, reference, splits, config, seed=0, device="cpu")
+    write_cache(out / "cache", model, normal_mean, splits, config, seed=0, device="cpu")
     return out
 
 
@@ -94,9 +108,10 @@ def test_scores_are_the_stages_scores(run_dir, small_dataset):
     order = [rel.index(f) for f in cache.test.files]
     ckpt = load_checkpoint(run_dir / "models/base.pt")
     images = load_images(subset.root, cache.test.files, SIZE)
-    base = score_images(ckpt.model, images, ckpt.reference, torch.device("cpu"), 32)[0]
+    with torch.no_grad():  # the base model's own forward pass, not the scorer's
+        base = ckpt.model.heads.final_score(ckpt.model(to_input(images, "cpu"), ckpt.normal_mean)).numpy()
     heads, _ = load_heads(run_dir / "models/ahl.pt")
-    ahl = score_features(cache.test, heads, cache.reference, "cpu", 32)
+    ahl = score_features(cache.test, heads, cache.normal_mean, "cpu", 32)
     np.testing.assert_allclose(table["score_base"].to_numpy()[order], base, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(table["score_ahl"].to_numpy()[order], ahl, rtol=1e-5, atol=5e-4)
     assert (table["score"] == table["score_ahl"]).all()  # AHL decides when its heads are there
@@ -117,9 +132,7 @@ def test_heatmaps_thresholds_and_unreadable_files(run_dir, small_dataset, tmp_pa
         Image.open(subset.root / f).save(folder / "a" / f"{k}.png")
     Image.open(subset.root / subset.anomalies["hole"][0]).resize((80, 60)).save(folder / "b.jpg")
     (folder / "broken.png").write_bytes(b"not an image")
-    (run_dir / "models/thresholds.json").write_text(
-        json.dumps({"base": {"threshold": 1e9}, "ahl": {"threshold": -1e9}})
-    )
+    write_thresholds(run_dir, {"base": {"threshold": 1e9}, "ahl": {"threshold": -1e9}})
     try:
         table = predict(args(run_dir, folder, heatmaps=tmp_path / "heat"))
         assert table["is_anomaly"].iloc[:3].tolist() == [True, True, True] and (table["threshold"][:3] == -1e9).all()
@@ -171,8 +184,14 @@ def test_bad_inputs_are_clear_errors(run_dir, small_dataset, tmp_path, inputs, o
         predict(a)
 
 
+def write_thresholds(run_dir: Path, entries: dict, **made_from: Path) -> None:
+    """models/thresholds.json as calibrate writes it: the entries and the sha256 of the models they were made for."""
+    made_from = made_from or {"base": run_dir / "models/base.pt", "ahl": run_dir / "models/ahl.pt"}
+    (run_dir / "models/thresholds.json").write_text(json.dumps({**entries, "inputs": provenance.inputs(**made_from)}))
+
+
 def test_thresholds_file_without_the_model_is_an_error(run_dir, small_dataset):
-    (run_dir / "models/thresholds.json").write_text(json.dumps({"base": {"threshold": 0.5}}))
+    write_thresholds(run_dir, {"base": {"threshold": 0.5}})
     try:
         good = read_subset(small_dataset, "brick").root / "test/good/000.png"
         with pytest.raises(UserError, match="has no threshold for 'ahl'"):
@@ -181,8 +200,23 @@ def test_thresholds_file_without_the_model_is_an_error(run_dir, small_dataset):
         (run_dir / "models/thresholds.json").unlink()
 
 
+def test_thresholds_of_another_run_are_refused(run_dir, small_dataset, tmp_path):
+    """A thresholds file made for other models (a copied run, an older calibrate) never decides: predict refuses
+    it, as evaluate does, and names the file and the fix."""
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"another base model")
+    write_thresholds(run_dir, {"base": {"threshold": 0.5}, "ahl": {"threshold": 0.5}}, base=other)
+    try:
+        good = read_subset(small_dataset, "brick").root / "test/good/000.png"
+        with pytest.raises(UserError, match=r"thresholds.json was made from another .*base.pt.*calibrate"):
+            predict(args(run_dir, good))
+        assert predict(args(run_dir, good, threshold=0.5))["threshold"].eq(0.5).all()  # --threshold: no file read
+    finally:
+        (run_dir / "models/thresholds.json").unlink()
+
+
 def test_command_line_one_line_errors(tmp_path, capsys):
-    """`ahl predict` (the console script's function) and `python -m ahl.predict`: exit 2 with one `error:` line."""
+    """`ahl predict` (the console script's function) and `python -m ahl.deploy.predict`: exit 2, one `error:` line."""
     none = str(tmp_path / "none.png")
     expected = f"error: no such file or folder: {none}; give images, folders of images or a glob pattern"
     for argv in (["predict", none], ["nope"]):
@@ -192,6 +226,139 @@ def test_command_line_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == expected and err[1].startswith("usage: ahl COMMAND") and "predict" in err[3]
     res = subprocess.run(
-        [sys.executable, "-m", "ahl.predict", none], check=False, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "ahl.deploy.predict", none], check=False, capture_output=True, text=True, cwd=ROOT
     )
     assert res.returncode == 2 and res.stderr.strip() == expected
+
+
+def _tree_digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "inputs, options, message",
+    [
+        (["imgs/000.png"], {"out": "imgs/000.png"}, "is an input image or inside an input folder"),
+        (["imgs"], {"out": "imgs/predictions.csv"}, "is an input image or inside an input folder"),
+        (["imgs"], {"out": "imgs"}, "is a folder; name the CSV"),
+        (["imgs"], {"out": "nowhere/p.csv"}, "the folder nowhere does not exist"),
+        (["imgs"], {"heatmaps": "imgs"}, "overlaps the inputs"),
+        (["imgs"], {"heatmaps": "imgs/heat"}, "overlaps the inputs"),
+        (["imgs/sub"], {"heatmaps": "imgs"}, "overlaps the inputs"),
+        (["imgs/000.png"], {"heatmaps": "imgs"}, "overlaps the inputs"),
+        (["imgs/*.png"], {"heatmaps": "imgs"}, "overlaps the inputs"),
+        (["imgs"], {"heatmaps": "note.txt"}, "is a file; name a folder"),
+        (["imgs/link.png"], {"out": "imgs/000.png"}, "is an input image"),  # through a link: the same file
+    ],
+)
+def test_outputs_that_would_overwrite_or_feed_inputs_are_refused_before_scoring(
+    run_dir, small_dataset, tmp_path, monkeypatch, inputs, options, message
+):
+    """--out and --heatmaps are checked against the inputs (links resolved) before anything is scored or
+    written: no input is replaced and no overlay can be scored as an input on the next run."""
+    good = read_subset(small_dataset, "brick").root / "test/good"
+    (tmp_path / "imgs/sub").mkdir(parents=True)
+    for name in ("000.png", "001.png", "sub/002.png"):
+        (tmp_path / "imgs" / name).write_bytes((good / Path(name).name).read_bytes())
+    (tmp_path / "imgs/link.png").symlink_to(tmp_path / "imgs/000.png")
+    (tmp_path / "note.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    before = _tree_digest(tmp_path)
+    a = args(run_dir, *inputs)
+    for key, value in options.items():
+        setattr(a, key, value)
+    with pytest.raises(UserError, match=message):
+        predict(a)
+    assert _tree_digest(tmp_path) == before
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(run_dir, small_dataset, tmp_path, monkeypatch):
+    """An image named like a formula is written as text ('=...), scores stay numbers."""
+    good = read_subset(small_dataset, "brick").root / "test/good/000.png"
+    names = ['=HYPERLINK("evil.example","y").png', "+1.png", "-2.png", "@3.png", "plain.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(good.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "p.csv"
+    out.parent.mkdir()
+    predict(args(run_dir, *(f"./{n}" for n in names), out=out))  # ./-2.png: not an option to argparse
+    written = pd.read_csv(out)
+    assert sorted(written["path"]) == sorted(["'" + n for n in names[:4]] + ["plain.png"])
+    assert written["score"].dtype.kind == "f" and written["score"].notna().all()  # numbers stay numbers
+
+
+def test_images_above_the_pixel_limit_are_skipped_and_the_batch_is_scored(run_dir, small_dataset, tmp_path):
+    """A huge image (a few KB of PNG, gigabytes decoded) is refused from its header with a warning, and the good
+    images of its batch are still scored; a decompression bomb past PIL's own limit is skipped the same way."""
+    subset = read_subset(small_dataset, "brick")
+    folder = tmp_path / "line"
+    folder.mkdir()
+    Image.open(subset.root / subset.test_good[0]).save(folder / "a.png")
+    Image.new("L", (3000, 2000)).save(folder / "big.png")  # 6,000,000 pixels
+    Image.new("L", (15000, 13000)).save(folder / "bomb.png")  # 195 M pixels: above 2 x PIL's MAX_IMAGE_PIXELS
+    table = predict(args(run_dir, folder, threshold=0.0, max_pixels=5_000_000))
+    rows = dict(zip(table["path"].map(lambda p: Path(p).name), table["error"]))
+    assert rows["a.png"] == "" and table.loc[table["path"].str.endswith("a.png"), "score"].notna().all()
+    assert "big.png is 3000 x 2000 = 6,000,000 pixels, above the limit of 5,000,000 (--max-pixels)" in rows["big.png"]
+    assert "cannot read image" in rows["bomb.png"] and "decompression bomb" in rows["bomb.png"]  # PIL refuses it
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=hostile_names(on_disk=True), folder=hostile_names(on_disk=True), out=hostile_names(on_disk=True))
+def test_fuzzed_file_names_are_scored_or_one_line_and_nothing_outside_changes(
+    run_dir, small_dataset, image, folder, out
+):
+    """Images, their folder and the CSV and heatmap outputs with hostile names: `ahl predict` scores them or stops
+    with a one-line UserError; nothing outside the temporary project changes; no CSV cell starts a formula."""
+    good = read_subset(small_dataset, "brick").root / "test/good/000.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "outside").mkdir()
+        (root / "outside" / "keep.png").write_bytes(good.read_bytes())
+        project = root / "project"
+        (project / folder).mkdir(parents=True)
+        (project / folder / f"{image}.png").write_bytes(good.read_bytes())
+        (project / folder / "plain.png").write_bytes(good.read_bytes())
+        before = tree_digest(root / "outside")
+        a = args(run_dir, project / folder, threshold=0.0)
+        a.out, a.heatmaps = project / f"{out}.csv", project / f"heat{out}"
+        try:
+            table = predict(a)
+        except UserError as err:
+            assert "\n" not in str(err), repr(str(err))
+        else:
+            assert len(table) == (2 if image != "plain" else 1) and table["score"].notna().all()
+            cells = pd.read_csv(a.out, keep_default_na=False, dtype=str)["path"]
+            assert not cells.str.match(r"[=+\-@\t\r]").any(), cells.tolist()
+        assert tree_digest(root / "outside") == before
+        assert sorted(p.name for p in root.iterdir()) == ["outside", "project"]
+
+
+def test_a_checkpoint_of_the_other_kind_is_named_as_such(run_dir, small_dataset):
+    """ahl.pt given as base.pt (and the reverse) is one line saying what the file holds, not a KeyError."""
+    with pytest.raises(UserError, match=r"ahl.pt holds AHL's heads \(models/ahl.pt\), not the base model"):
+        load_checkpoint(run_dir / "models/ahl.pt")
+    with pytest.raises(UserError, match=r"base.pt holds the base model \(models/base.pt\), not AHL's heads"):
+        load_heads(run_dir / "models/base.pt")
+    swapped = args(run_dir, read_subset(small_dataset, "brick").root / "test/good")
+    swapped.base, swapped.ahl = swapped.ahl, swapped.base
+    with pytest.raises(UserError, match="not the base model"):
+        predict(swapped)
+
+
+@pytest.mark.parametrize("damage", ["nan", "random bytes"])
+def test_a_cache_array_with_non_finite_values_is_one_line_naming_it(run_dir, tmp_path, damage):
+    """Bytes replaced in a cached array (NaN or inf among them) are refused on load, not met later by k-means."""
+    cache = tmp_path / "cache"
+    shutil.copytree(run_dir / "cache", cache)
+    victim = cache / "train_normal.s0.npy"
+    if damage == "nan":
+        x = np.load(victim)
+        x.flat[7] = np.nan
+        np.save(victim, x)
+    else:
+        header = len(victim.read_bytes()) - np.load(victim).nbytes
+        body = np.random.default_rng(0).integers(0, 256, len(victim.read_bytes()) - header, dtype=np.uint8)
+        victim.write_bytes(victim.read_bytes()[:header] + body.tobytes())
+    with pytest.raises(UserError, match=r"train_normal.s0.npy holds non-finite values .*`dvc repro -f features`"):
+        load_cache(cache)

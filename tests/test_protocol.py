@@ -7,9 +7,9 @@ import shutil
 import pytest
 from PIL import Image
 
+from ahl.core.errors import UserError
 from ahl.data.mvtec import load_image, read_subset
 from ahl.data.protocol import ProtocolConfig, Split, make_split
-from ahl.errors import UserError
 
 
 def test_general_setting_seen_from_sorted_seeded_shuffle(small_dataset):

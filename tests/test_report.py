@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ahl.report import aggregate, format_table, runs_from_rows, with_published
+from ahl.evaluation.tables import aggregate, format_table, runs_from_rows, with_published
 
 
 def _row(exp, rev, seed, auc, known_class=None, classname="elpv", m=10, unseen=None):

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, make_cache, make_heads
 from sklearn.metrics import roc_auc_score
-from test_ahl import FAST, make_cache, make_heads
 
-from ahl.config import from_params, load_yaml
+from ahl.core.config import from_params, load_yaml
+from ahl.core.errors import UserError
+from ahl.core.runtime import Runtime, RuntimeConfig, configure_determinism, plain, seeded
 from ahl.data.mvtec import load_images, read_subset
-from ahl.errors import UserError
-from ahl.model import BackboneConfig, build_model
-from ahl.runtime import Runtime, RuntimeConfig, configure_determinism, plain, seeded
-from ahl.scoring import score_features, score_images
-from ahl.train import BaseConfig, train_base
-from ahl.trainer import train_ahl
+from ahl.evaluation.scorer import Scorer
+from ahl.method.forward import score_features
+from ahl.method.train_ahl import train_ahl
+from ahl.models.base import BackboneConfig, Checkpoint, build_model
+from ahl.models.train_base import BaseConfig, train_base
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -49,17 +50,23 @@ def model():
         return build_model("dra", config, topk=0.1, margin=5.0).eval()
 
 
-def _reference(model, images):
+def _normal_mean(model, images):
     with torch.no_grad():
         return [f.mean(0) for f in model.features(torch.from_numpy(images[:3]).permute(0, 3, 1, 2).float() / 255)]
+
+
+def score_images(model, images, normal_mean, runtime=None) -> np.ndarray:
+    """The base model's final scores of ``images`` through the scorer (batches of 8)."""
+    scorer = Scorer(Checkpoint(model, normal_mean, {"model": "dra"}), runtime=runtime or plain(CPU))
+    return scorer.score_images(images, 8).final["base"]
 
 
 def test_the_committed_params_load_and_change_nothing_on_cpu(caplog):
     config = from_params(RuntimeConfig, load_yaml(ROOT / "params.yaml")["runtime"], "runtime")
     assert config == RuntimeConfig(autocast="auto", channels_last="auto", compile=False)
-    with caplog.at_level("INFO", logger="ahl.runtime"):
+    with caplog.at_level("DEBUG", logger="ahl.core.runtime"):
         runtime = Runtime.resolve("cpu", config)
-    assert runtime == plain("cpu") and "float32 on cpu" in caplog.text  # auto is ignored on CPU, with a log line
+    assert runtime == plain("cpu") and "float32 on cpu" in caplog.text  # auto is float32, with a log line
     assert Runtime.resolve("cpu", dataclasses.replace(config, autocast="bfloat16")).dtype == torch.bfloat16
 
 
@@ -107,9 +114,9 @@ def test_seeded_restores_the_global_generator():
 
 def test_channels_last_gives_the_same_image_scores(model, images):
     x, _ = images
-    reference = _reference(model, x)
-    expected, _ = score_images(model, x, reference, CPU, 8)
-    got, _ = score_images(model, x, reference, CPU, 8, CHANNELS_LAST)
+    normal_mean = _normal_mean(model, x)
+    expected = score_images(model, x, normal_mean)
+    got = score_images(model, x, normal_mean, CHANNELS_LAST)
     model.to(memory_format=torch.contiguous_format)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -123,9 +130,9 @@ def _close_in_bf16(got: np.ndarray, expected: np.ndarray, labels: np.ndarray) ->
 
 def test_bfloat16_autocast_on_cpu_scores_images_within_tolerance(model, images):
     x, labels = images
-    reference = _reference(model, x)
-    expected, _ = score_images(model, x, reference, CPU, 8)
-    got, _ = score_images(model, x, reference, CPU, 8, BF16)
+    normal_mean = _normal_mean(model, x)
+    expected = score_images(model, x, normal_mean)
+    got = score_images(model, x, normal_mean, BF16)
     _close_in_bf16(got, expected, labels)
 
 
@@ -133,10 +140,10 @@ def test_bfloat16_autocast_on_cpu_trains_ahl_within_tolerance():
     cache = make_cache()[0]
     config = dataclasses.replace(FAST, epochs=2)
     results = [train_ahl(cache, make_heads(), config, seed=0, device=CPU, runtime=r) for r in (None, BF16)]
-    expected, got = (score_features(cache.test, r.heads, cache.reference, CPU, 64) for r in results)
+    expected, got = (score_features(cache.test, r.heads, cache.normal_mean, CPU, 64) for r in results)
     assert all(np.isfinite(e["outer_loss"]) for e in results[1].history)
     _close_in_bf16(got, expected, cache.test.labels)
-    bf16_scores = score_features(cache.test, results[1].heads, cache.reference, CPU, 64, BF16)
+    bf16_scores = score_features(cache.test, results[1].heads, cache.normal_mean, CPU, 64, BF16)
     _close_in_bf16(bf16_scores, got, cache.test.labels)
 
 
@@ -146,6 +153,6 @@ def test_base_training_runs_in_bfloat16_and_channels_last(images):
     config = BaseConfig(epochs=1, steps_per_epoch=1, batch_size=6, n_ref=2)
     runtime = Runtime(CPU, torch.bfloat16, channels_last=True)
     ckpt = train_base(x[:8], x[-3:], backbone, config, seed=0, device=CPU, runtime=runtime)
-    assert all(r.dtype == torch.float32 and r.is_contiguous() for r in ckpt.reference)
+    assert all(r.dtype == torch.float32 and r.is_contiguous() for r in ckpt.normal_mean)
     assert all(p.is_contiguous() for p in ckpt.model.parameters())  # checkpoints hold plain tensors
     assert np.isfinite(ckpt.meta["history"][0]["loss"])

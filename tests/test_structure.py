@@ -85,14 +85,14 @@ def test_deps_check_catches_a_missing_and_a_stale_dep(tmp_path):
     for item in ("dvc.yaml", "stages", "ahl"):
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, tmp_path / item)
     dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
-    dvc_yaml["stages"]["train_ahl"]["deps"].remove("ahl/trainer.py")
+    dvc_yaml["stages"]["train_ahl"]["deps"].remove("ahl/method")  # a folder dep: each of its files counts
     deps = dvc_yaml["stages"]["evaluate"]["deps"]
-    deps[deps.index("ahl/metrics.py")] = "ahl/no_such_module.py"
+    deps[deps.index("ahl/evaluation/image_metrics.py")] = "ahl/no_such_module.py"
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     problems = deps_problems(tmp_path)
-    assert "stage train_ahl: imports ahl/trainer.py but does not list it in deps" in problems
+    assert "stage train_ahl: imports ahl/method/train_ahl.py but does not list it in deps" in problems
     assert "stage evaluate: dep ahl/no_such_module.py does not exist" in problems
-    assert "stage evaluate: imports ahl/metrics.py but does not list it in deps" in problems
+    assert "stage evaluate: imports ahl/evaluation/image_metrics.py but does not list it in deps" in problems
 
 
 def test_stage_paths_are_declared_in_dvc_yaml():
@@ -150,6 +150,50 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def drawn_layers(text: str) -> dict[str, int]:
+    """docs/architecture.md's layer list: {module (ahl.x.y): its floor}, the top line the highest floor."""
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    lines = [line.split() for line in block.strip("\n").splitlines() if line.strip()]
+    floors = {}
+    for floor, words in zip(range(len(lines), 0, -1), lines):
+        for word in words:
+            if not word.endswith(".py"):
+                break
+            floors["ahl." + word.removesuffix(".py").replace("/", ".")] = floor
+    return floors
+
+
+def layer_problems(graph: dict[str, set[str]], floors: dict[str, int]) -> list[str]:
+    """Modules of ``graph`` missing from the drawing, and imports of a module drawn above the importer."""
+    modules = {m for m in graph if not (ROOT / m.replace(".", "/") / "__init__.py").is_file()}  # not packages
+    problems = [f"{m} is not drawn in docs/architecture.md" for m in sorted(modules - set(floors))]
+    problems += [f"{m} is drawn but does not exist" for m in sorted(set(floors) - modules)]
+    for module in sorted(modules & set(floors)):
+        for target in sorted(graph[module] & set(floors)):
+            if floors[target] > floors[module]:
+                problems.append(f"{module} imports {target}, which is drawn above it")
+    return problems
+
+
+def test_architecture_layers_match_imports():
+    floors = drawn_layers((ROOT / "docs/architecture.md").read_text())
+    assert layer_problems(_graph(), floors) == []
+
+
+def test_layer_check_catches_an_upward_import_and_an_undrawn_module():
+    text = (ROOT / "docs/architecture.md").read_text()
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    lines = block.strip("\n").splitlines()
+    scorer = next(i for i, line in enumerate(lines) if line.startswith("evaluation/scorer.py"))
+    lines.insert(len(lines) - 1, lines.pop(scorer))  # the scorer drawn just above the ground floor
+    lines = [line for line in lines if not line.startswith("pseudo/maker.py")]
+    broken = text.replace(block, "\n" + "\n".join(lines) + "\n")
+    problems = layer_problems(_graph(), drawn_layers(broken))
+    assert "ahl.evaluation.scorer imports ahl.models.base, which is drawn above it" in problems
+    assert "ahl.deploy.predict imports ahl.evaluation.scorer" not in " ".join(problems)  # it is above: allowed
+    assert "ahl.pseudo.maker is not drawn in docs/architecture.md" in problems
 
 
 def test_library_never_imports_dvc():

@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ahl.core.errors import UserError
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
-from ahl.errors import UserError
-from ahl.threshold import ThresholdConfig, at_threshold, choose, f1_threshold, fpr_threshold, metrics_at_threshold
+from ahl.evaluation.threshold import (
+    ThresholdConfig,
+    at_threshold,
+    choose,
+    f1_threshold,
+    fpr_threshold,
+    metrics_at_threshold,
+)
 
 FPR = ThresholdConfig(rule="fpr", target_fpr=0.01, batch_size=8)
 
@@ -73,7 +80,7 @@ def test_validation_slice_is_disjoint_from_train_and_test_and_deterministic(smal
     train, val, test = ({s.file for s in part} for part in (split.train, split.validation, split.test))
     assert not (train & val) and not (train & test) and not (val & test)
     assert sum(s.label == 0 for s in split.validation) == 3  # round(0.25 * 12)
-    assert sum(s.label == 1 for s in split.validation) == 2 if known_class is None else 3  # spare: 4 - 2; 5 - 2
+    assert sum(s.label == 1 for s in split.validation) == (2 if known_class is None else 3)  # spare: 4 - 2; 5 - 2
     assert len(split.train_normals) == 9 and split.summary()["validation_normal"] == 3
     again = make_split(subset, config, seed=3)
     assert again.to_dict() == split.to_dict()

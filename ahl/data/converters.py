@@ -21,9 +21,9 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from ahl.core.errors import RawDataError, UserError
+from ahl.core.io import atomic_dir, link_or_copy
 from ahl.data.mvtec import IMAGE_SUFFIXES, to_8bit
-from ahl.errors import RawDataError, UserError
-from ahl.io import atomic_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,23 @@ def _unreadable(path: Path, err: BaseException) -> UserError:
     return UserError(f"cannot read image {path}: {err}. The raw file is damaged or incomplete. {RAW_FIX}")
 
 
-def _read_image(path: Path) -> Image.Image:
+def _read_image(
+    path: Path, header_only: bool = False, unreadable: Callable[[Path, BaseException], UserError] = _unreadable
+) -> Image.Image:
+    """An image PIL has decoded (only its header, with ``header_only``: size and mode); a file it cannot read is
+    ``unreadable(path, err)`` (the raw-data advice by default; your own data says its own)."""
     try:
         img = Image.open(path)
-        img.load()
+        if not header_only:
+            img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _unreadable(path, err) from err
+        raise unreadable(path, err) from err
     return img
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path, unreadable: Callable[[Path, BaseException], UserError] = _unreadable) -> np.ndarray:
     """A label image as a boolean (H, W) array: a pixel is defective where any channel is non-zero."""
-    arr = np.asarray(_read_image(path))
+    arr = np.asarray(_read_image(path, unreadable=unreadable))
     return arr.any(axis=2) if arr.ndim == 3 else arr != 0
 
 

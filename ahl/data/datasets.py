@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ahl.core.config import path_component
+from ahl.core.errors import UserError
 from ahl.data import converters, embedded, own
+from ahl.data.mvtec import MAX_PIXELS
 from ahl.data.protocol import ProtocolConfig
 from ahl.data.registry import (
     DATASETS,
@@ -23,7 +26,6 @@ from ahl.data.registry import (
     register,
     resolve,
 )
-from ahl.errors import UserError
 
 # The registry's look-up functions, re-exported: importing them from here guarantees the built-in entries exist.
 __all__ = [
@@ -349,6 +351,7 @@ def select(classname: str, local: Path | None, protocol: ProtocolConfig) -> dict
     A registered classname wins unless ``local`` is a folder holding ``classname/``; an unregistered one needs
     ``local``. Your own folder is checked here (layout, anomalies, enough for M), before anything runs.
     """
+    path_component(classname, "classname")
     registered = classname in known_classnames()
     folder = local / classname if local is not None and (local / classname).is_dir() else None
     if registered and folder is None:
@@ -360,10 +363,10 @@ def select(classname: str, local: Path | None, protocol: ProtocolConfig) -> dict
             resolve(classname)
         except UserError as err:
             raise UserError(f"{err} For your own data, also set `data.local` to the folder holding {classname}/ "
-                            f"(README, 'Your own data').") from None  # fmt: skip
+                            f"(docs/data.md, 'Your own data').") from None  # fmt: skip
     if folder is None and local.is_dir():
         raise UserError(
-            f"data.local = {local} holds no folder {classname}/: put your dataset there ({own.LAYOUT}; README, "
+            f"data.local = {local} holds no folder {classname}/: put your dataset there ({own.LAYOUT}; docs/data.md, "
             "'Your own data'), or set classname to the folder's name"
         )
     if folder is not None:
@@ -377,8 +380,9 @@ def select(classname: str, local: Path | None, protocol: ProtocolConfig) -> dict
     return {"dataset": own.OWN, "source": own.OWN, "classname": classname}
 
 
-def selected_dataset(selected: dict) -> Dataset:
-    """The dataset entry data/selection.json names: a registered one, or your own (``own.OWN``)."""
+def selected_dataset(selected: dict, max_pixels: int = MAX_PIXELS) -> Dataset:
+    """The dataset entry data/selection.json names: a registered one, or your own (``own.OWN``, whose converter
+    skips images above ``max_pixels`` with a warning; registered datasets have their published sizes)."""
     if selected["dataset"] == own.OWN:
-        return own.own_dataset(selected["classname"])
+        return own.own_dataset(selected["classname"], max_pixels)
     return get_dataset(selected["dataset"])

@@ -18,8 +18,8 @@ from skimage.draw import bezier_curve, ellipse, line, polygon
 from skimage.filters import gaussian
 from skimage.morphology import dilation, disk
 
-from ahl.errors import UserError
-from ahl.io import atomic_dir
+from ahl.core.errors import UserError
+from ahl.core.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ahl.errors import UserError
+from ahl.core.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the one list: converters and readers use it
 GOOD = "good"
@@ -101,15 +101,29 @@ def validate_dataset(root: str | Path) -> list[str]:
     return subsets
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An image as RGB uint8 (size, size, 3); grey images (of any bit depth) are replicated to three channels."""
+MAX_PIXELS = 40_000_000  # far above the papers' 448 x 448 inputs; a 10,000 x 10,000 PNG took 10 GB to score
+
+
+def too_large(path: str | Path, width: int, height: int, max_pixels: int, key: str) -> str:
+    """Why an image is refused: its pixels, the limit and the setting (``key``) that raises it."""
+    return (
+        f"{path} is {width} x {height} = {width * height:,} pixels, above the limit of {max_pixels:,} ({key}); "
+        "shrink it or raise the limit"
+    )
+
+
+def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """An image as RGB uint8 (size, size, 3); grey images (of any bit depth) are replicated to three channels.
+    ``max_pixels``: a larger image is refused from its header, before it is decoded (memory)."""
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise UserError(too_large(path, im.width, im.height, max_pixels, "--max-pixels"))
             im = to_8bit(im).convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read image {path}: {exc}; {CORRUPT_FIX}") from None
 
 

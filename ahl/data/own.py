@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ahl.core.errors import UserError
+from ahl.core.io import atomic_dir
 from ahl.data import converters
-from ahl.data.mvtec import GOOD, IMAGE_SUFFIXES, to_8bit
+from ahl.data.mvtec import GOOD, IMAGE_SUFFIXES, MAX_PIXELS, to_8bit, too_large
 from ahl.data.registry import Dataset, Source
-from ahl.errors import UserError
-from ahl.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ LAYOUT = (
     "NAME/train/good/, NAME/test/good/, NAME/test/<defect>/ (MVTec layout) or NAME/good/ (or NAME/normal/) and "
     "NAME/<defect>/ (folder layout), each optionally with NAME/ground_truth/<defect>/<stem>_mask.png"
 )
-README = "README, 'Your own data'"
+GUIDE = "docs/data.md, 'Your own data'"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def inspect_folder(root: Path, local: Path | str, shown: Path | None = None) -> 
     """The layout of ``root`` (= data.local/NAME), or a UserError naming the folder and the fix. Messages name
     ``shown`` instead of ``root`` when given (the converter reads a copy inside the pipeline's outputs)."""
     layout = _inspect(root, shown or root, f"fix it in data.local ({local}) and run again; expected layout: {LAYOUT} "
-                      f"({README})")  # fmt: skip
+                      f"({GUIDE})")  # fmt: skip
     return OwnLayout(layout.kind, root, layout.normals, layout.anomalies)
 
 
@@ -111,8 +111,9 @@ def check_enough(layout: OwnLayout, n_anomalies: int, test_set_m: int, local: Pa
         )
 
 
-def own_dataset(classname: str) -> Dataset:
-    """The (unregistered) dataset entry of your own data: its raw data is data.local, converted by convert_own."""
+def own_dataset(classname: str, max_pixels: int = MAX_PIXELS) -> Dataset:
+    """The (unregistered) dataset entry of your own data: its raw data is data.local, converted by convert_own
+    (which skips images and masks above ``max_pixels``, data.max_pixels, with a warning)."""
     return Dataset(
         name=OWN,
         title=f"your own dataset {classname!r} (data.local)",
@@ -120,22 +121,36 @@ def own_dataset(classname: str) -> Dataset:
         licence="yours",
         homepage="data.local in params.yaml",
         raw_layout=LAYOUT.replace("NAME", classname),
-        converter=partial(convert_own, classname=classname),
+        converter=partial(convert_own, classname=classname, max_pixels=max_pixels),
         sources={
             classname: Source(
                 key=OWN, manual=True, filename=classname,
-                instructions=f"give the folder holding {classname}/ as `data.local` in params.yaml ({README})",
+                instructions=f"give the folder holding {classname}/ as `data.local` in params.yaml ({GUIDE})",
             )
         },
     )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- convert
-def _target(files: list[Path]) -> tuple[tuple[int, int], str]:
+def _unreadable(path: Path, err: BaseException, copy: Path | None = None) -> UserError:
+    """One of the user's images that PIL cannot read: named, with the fix in their folder (not a raw download).
+    ``copy``: the file PIL read, when ``path`` is the user's name for it (its path is taken out of PIL's text)."""
+    detail = str(err) if copy is None else str(err).replace(str(copy), str(path))
+    return UserError(
+        f"cannot read {path} of your data ({type(err).__name__}: {detail}); replace it with a readable "
+        f"image or move it out of the folder data.local names ({GUIDE})"
+    )
+
+
+def _read(path: Path, header_only: bool = False, unreadable=_unreadable) -> Image.Image:
+    return converters._read_image(path, header_only, unreadable)
+
+
+def _target(files: list[Path], unreadable=_unreadable) -> tuple[tuple[int, int], str]:
     """The most common (width, height), ties to the largest; RGB unless every image is 8-bit grey (L)."""
     sizes, modes = Counter(), Counter()
     for f in files:
-        with Image.open(f) as im:
+        with _read(f, header_only=True, unreadable=unreadable) as im:
             sizes[im.size] += 1
             modes[im.mode] += 1
     size = max(sizes, key=lambda s: (sizes[s], s))
@@ -149,20 +164,21 @@ def _target(files: list[Path]) -> tuple[tuple[int, int], str]:
     return size, mode
 
 
-def _write_image(src: Path, dst: Path, size: tuple[int, int], mode: str) -> None:
-    with Image.open(src) as im:
-        if src.suffix.lower() == ".png" and im.size == size and im.mode == mode:
-            converters._put_png(src, dst)
-            return
-    img = to_8bit(converters._read_image(src))
+def _write_image(src: Path, dst: Path, size: tuple[int, int], mode: str, unreadable=_unreadable) -> None:
+    img = _read(src, unreadable=unreadable)
+    if src.suffix.lower() == ".png" and img.size == size and img.mode == mode:
+        img.close()
+        converters._put_png(src, dst)
+        return
+    img = to_8bit(img)
     img = img.convert(mode) if img.mode != mode else img
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
     img.save(dst, format="PNG")
 
 
-def _write_mask(src: Path, dst: Path, size: tuple[int, int]) -> None:
-    mask = converters._read_mask(src)
+def _write_mask(src: Path, dst: Path, size: tuple[int, int], unreadable=_unreadable) -> None:
+    mask = converters._read_mask(src, unreadable)
     if mask.shape[::-1] != size:
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
     converters._save_mask(mask, dst)
@@ -178,18 +194,40 @@ def _plan(layout: OwnLayout, seed: int, classname: str) -> list[tuple[Path, str]
     return plan + [(f, f"test/{c}") for c, files in layout.anomalies.items() for f in files]
 
 
-def convert_own(raw: Path, out: Path, *, seed: int = 42, classname: str) -> None:
+def _within(files: list[Path], max_pixels: int, shown: Path, root: Path, unreadable) -> set[Path]:
+    """The files of at most ``max_pixels`` (read from their headers); the others are named in a warning each."""
+    kept = set()
+    for f in files:
+        with _read(f, header_only=True, unreadable=unreadable) as im:
+            if im.width * im.height > max_pixels:
+                why = too_large(shown / f.relative_to(root), *im.size, max_pixels, "data.max_pixels")
+                log.warning("skipped: %s", why)
+            else:
+                kept.add(f)
+    return kept
+
+
+def convert_own(raw: Path, out: Path, *, seed: int = 42, classname: str, max_pixels: int = MAX_PIXELS) -> None:
     """data.local/NAME (copied into ``raw``) -> ``out/NAME`` in MVTec layout; see the module's docstring."""
     root = converters._find_root(Path(raw), OWN, [classname]) / classname
-    layout = inspect_folder(root, "data.local", shown=Path("data.local") / classname)
+    shown = Path("data.local") / classname
+    layout = inspect_folder(root, "data.local", shown=shown)
+
+    def unreadable(path: Path, err: BaseException) -> UserError:  # your file, not its copy under data/raw
+        return _unreadable(shown / path.relative_to(root), err, copy=path)
+
     plan = _plan(layout, seed, classname)
-    size, mode = _target([f for f, _ in plan])
+    masks = [m for defect in layout.anomalies for m in _images(root / MASKS / defect)]
+    kept = _within([f for f, _ in plan] + masks, max_pixels, shown, root, unreadable)
+    skipped = {(folder.rsplit("/", 1)[-1], f.stem) for f, folder in plan if f not in kept}  # and their masks
+    kept -= {m for m in masks if (m.parent.name, m.stem.removesuffix("_mask")) in skipped}
+    plan = [(f, folder) for f, folder in plan if f in kept]
+    size, mode = _target([f for f, _ in plan], unreadable)
     with atomic_dir(out) as tmp:
         subset = tmp / classname
         for src, folder in converters._progress(plan, classname):
-            _write_image(src, converters._free_name(subset / folder, src.stem), size, mode)
-        for defect in layout.anomalies:
-            for mask in _images(root / MASKS / defect):
-                (subset / MASKS / defect).mkdir(parents=True, exist_ok=True)
-                _write_mask(mask, subset / MASKS / defect / f"{mask.stem}.png", size)
+            _write_image(src, converters._free_name(subset / folder, src.stem), size, mode, unreadable)
+        for mask in (m for m in masks if m in kept):
+            (subset / MASKS / mask.parent.name).mkdir(parents=True, exist_ok=True)
+            _write_mask(mask, subset / MASKS / mask.parent.name / f"{mask.stem}.png", size, unreadable)
         converters._log_counts(subset)

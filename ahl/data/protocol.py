@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ahl.core.errors import UserError
 from ahl.data.mvtec import GOOD, Subset
-from ahl.errors import UserError
 
 
 @dataclass(frozen=True)

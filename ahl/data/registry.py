@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ahl.errors import RawDataError, UserError
+from ahl.core.errors import RawDataError, UserError
 
 
 class Converter(Protocol):

@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this folder is on sys.path instead
 
-from benchmarks.parity.run import (
+from benchmarks.parity.common import ROOT  # noqa: E402
+from benchmarks.parity.run import (  # noqa: E402
     METRICS,
     copy_project,
     edit_params,

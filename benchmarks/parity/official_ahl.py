@@ -22,21 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this folder is on sys.path instead
+
+from benchmarks.parity.common import find_checkouts, headless  # noqa: E402
+
+headless()  # before torch, which imports tqdm
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from benchmarks.parity.official_runner import handover_lists  # noqa: E402
 from benchmarks.parity.shims import (  # noqa: E402
-    MissingCheckout,
     Patches,
-    kmeans_n_init_10,
     ScoreRecorder,
-    check_checkout,
+    kmeans_n_init_10,
     official_path,
     sorted_listdir,
     torch2,
@@ -134,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=24)
     args = parser.parse_args(argv)
-    try:
-        root = check_checkout("ahl", args.official_ahl)
-    except MissingCheckout as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    roots = find_checkouts({"ahl": args.official_ahl})
+    if roots is None:
         return 2
+    root = roots["ahl"]
     from benchmarks.parity import ours
 
     torch.set_num_threads(min(2, torch.get_num_threads()))

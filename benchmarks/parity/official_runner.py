@@ -15,26 +15,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import runpy
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this folder is on sys.path instead
+
+from benchmarks.parity.common import find_checkouts, headless  # noqa: E402
+
+headless()  # before torch, which imports tqdm
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from benchmarks.parity.shims import (  # noqa: E402
-    MissingCheckout,
     Patches,
     ScoreRecorder,
-    check_checkout,
     replace_backbone,
     sorted_listdir,
     torch2,
@@ -143,11 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", type=Path, required=True, help="output CSV: file, label, score")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the official train.py flags")
     args = parser.parse_args(argv)
-    try:
-        root = check_checkout(args.kind, args.official)
-    except MissingCheckout as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    roots = find_checkouts({args.kind: args.official})
+    if roots is None:
         return 2
+    root = roots[args.kind]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     lists = json.loads(args.handover.read_text())
     train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args

@@ -6,27 +6,24 @@ The library's module layout may change; when it does, this is the one file to up
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from ahl import augment, cdl, hadg  # noqa: E402
-from ahl.backbones import build_backbone, multiscale  # noqa: E402
-from ahl.cdl import adapt, query_loss  # noqa: E402
-from ahl.devnet import DevNetHeads  # noqa: E402
-from ahl.dra import DRAHeads  # noqa: E402
-from ahl.estimator import GeneralisationEstimator, rewards, weights_from_rewards  # noqa: E402
-from ahl.features import PseudoAnomalyMaker, load_cache  # noqa: E402
-from ahl.hadg import HADGConfig, cluster_features, cluster_normals, pool_features  # noqa: E402
-from ahl.heads import NORMAL, PSEUDO, SEEN  # noqa: E402
-from ahl.losses import deviation_loss  # noqa: E402
 from ahl.data.mvtec import load_images  # noqa: E402
-from ahl.model import AnomalyModel, BackboneConfig, build_model, load_checkpoint  # noqa: E402
-from ahl.scoring import forward, score_images  # noqa: E402
-from ahl.train import BaseConfig, BatchSampler, reference_features, train_base, train_step  # noqa: E402
+from ahl.method import cdl, hadg  # noqa: E402
+from ahl.method.cache import load_cache  # noqa: E402
+from ahl.method.cdl import adapt, query_loss  # noqa: E402
+from ahl.method.estimator import GeneralisationEstimator, rewards, weights_from_rewards  # noqa: E402
+from ahl.core.runtime import plain  # noqa: E402
+from ahl.evaluation.scorer import Scorer  # noqa: E402
+from ahl.method.forward import forward  # noqa: E402
+from ahl.method.hadg import HADGConfig, cluster_features, cluster_normals, pool_features  # noqa: E402
+from ahl.models.backbones import build_backbone, multiscale  # noqa: E402
+from ahl.models.base import AnomalyModel, BackboneConfig, Checkpoint, build_model, load_checkpoint  # noqa: E402
+from ahl.models.devnet import DevNetHeads  # noqa: E402
+from ahl.models.dra import DRAHeads  # noqa: E402
+from ahl.models.labels import NORMAL, PSEUDO, SEEN  # noqa: E402
+from ahl.models.losses import deviation_loss  # noqa: E402
+from ahl.models.train_base import BaseConfig, BatchSampler, normal_mean_of, train_base, train_step  # noqa: E402
+from ahl.pseudo import augment  # noqa: E402
+from ahl.pseudo.maker import PseudoAnomalyMaker  # noqa: E402
 
 
 def backbone_body(name: str, pretrained: str):
@@ -45,6 +42,13 @@ def rotate(images, max_degrees: float, rng, interpolation: str = "nearest"):
     return augment.rotate(images, max_degrees, interpolation, rng)
 
 
+def score_images(model, images, normal_mean, batch_size: int):
+    """Final scores (N,) of uint8 images (N, S, S, 3) under a base model compared with ``normal_mean`` (its
+    reference features), through our one scorer, float32 on the CPU."""
+    scorer = Scorer(Checkpoint(model, normal_mean, {}), runtime=plain("cpu"))
+    return scorer.score_images(images, batch_size).final["base"]
+
+
 COLOR_JITTER = augment.COLOR_JITTER
 cutpaste = augment.cutpaste
 cutmix = augment.cutmix
@@ -53,6 +57,6 @@ __all__ = [
     "AnomalyModel", "BackboneConfig", "BaseConfig", "BatchSampler", "COLOR_JITTER", "DRAHeads", "DevNetHeads",
     "GeneralisationEstimator", "HADGConfig", "PseudoAnomalyMaker", "NORMAL", "PSEUDO", "SEEN", "adapt", "backbone_body", "build_backbone",
     "build_model", "cdl", "cluster_features", "cluster_normals", "cutmix", "cutpaste", "deviation_loss", "forward", "hadg", "load_cache", "load_checkpoint", "load_images",
-    "multiscale", "patch_size", "pool_features", "query_loss", "reference_features", "rewards", "rotate", "score_images", "train_base", "train_step",
+    "multiscale", "patch_size", "pool_features", "query_loss", "normal_mean_of", "rewards", "rotate", "score_images", "train_base", "train_step",
     "weights_from_rewards",
 ]  # fmt: skip

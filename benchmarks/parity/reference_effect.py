@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this folder is on sys.path instead
 
 from benchmarks.parity import ours  # noqa: E402
 
@@ -51,14 +51,14 @@ def official_style_scores(
             if pseudo > 0 and rng.random() < pseudo:  # no draw at 0: the same stream as without it
                 refs[j] = ours.cutpaste(refs[j], rng)
         refs = ours.rotate(refs, rotation, rng, "nearest")
-        reference = ours.reference_features(model, refs, torch.device("cpu"))
-        out.append(ours.score_images(model, test[start : start + batch], reference, torch.device("cpu"), batch)[0])
+        normal_mean = ours.normal_mean_of(model, refs, torch.device("cpu"))
+        out.append(ours.score_images(model, test[start : start + batch], normal_mean, batch))
     return np.concatenate(out)
 
 
 def one(work: Path, draws: int, batch: int, pseudo: float = 0.0) -> dict:
     ckpt = ours.load_checkpoint(work / "models" / "base.pt")
-    if not ckpt.model.heads.uses_reference:
+    if not ckpt.model.heads.uses_normal_mean:
         raise SystemExit(f"{work}: {ckpt.meta['model']} has no reference set (DRA only)")
     split = json.loads((work / "data" / "split.json").read_text())
     root = work / "data" / "mvtec" / split["classname"]
@@ -67,7 +67,7 @@ def one(work: Path, draws: int, batch: int, pseudo: float = 0.0) -> dict:
     normals = ours.load_images(root, [s["file"] for s in split["train"] if s["label"] == 0], size)
     labels = np.array([s["label"] for s in split["test"]])
     unseen = np.array([s["label"] == 1 and not s["seen"] for s in split["test"]])
-    fixed = aucs(labels, unseen, ours.score_images(ckpt.model, test, ckpt.reference, torch.device("cpu"), batch)[0])
+    fixed = aucs(labels, unseen, ours.score_images(ckpt.model, test, ckpt.normal_mean, batch))
     n_ref, rotation = ckpt.meta["base"]["n_ref"], ckpt.meta["base"]["rotation"]
     drawn = np.array([
         aucs(labels, unseen, official_style_scores(ckpt.model, test, normals, n_ref, batch, rotation, seed, pseudo))

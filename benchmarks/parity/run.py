@@ -29,12 +29,10 @@ import numpy as np
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: this folder is on sys.path instead
 
+from benchmarks.parity.common import HERE, ROOT, find_checkouts  # noqa: E402
 from benchmarks.parity.official_runner import write_handover  # noqa: E402
-from benchmarks.parity.shims import MissingCheckout, check_checkout  # noqa: E402
 
 DATA_STAGES = ("selection", "local_manifest", "download", "convert", "split")  # what the official side needs
 PROJECT_PARTS = ("ahl", "stages", "params.yaml", "dvc.yaml")
@@ -288,15 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     a.label = f"{a.classname}-hard-{a.known_class}" if a.known_class else a.classname
     a.tag = f" [{', '.join(a.overrides)}]" if a.overrides else ""
-    try:
-        official_root = None  # only the official side needs its checkout
-        if "official" in a.sides:
-            official_root = check_checkout(a.model, a.official_dra if a.model == "dra" else a.official_devnet)
-        if a.official_ahl is not None:
-            check_checkout("ahl", a.official_ahl)
-    except MissingCheckout as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    wanted = {}  # only the official side needs its checkout
+    if "official" in a.sides:
+        wanted[a.model] = a.official_dra if a.model == "dra" else a.official_devnet
+    if a.official_ahl is not None:
+        wanted["ahl"] = a.official_ahl
+    roots = find_checkouts(wanted)
+    if roots is None:
         return 2
+    official_root = roots.get(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     env = thread_env(a.threads)
     rows = []

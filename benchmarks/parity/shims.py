@@ -1,9 +1,10 @@
 """Run the authors' official code (DRA, DevNet, AHL) from a user's checkout, with run-time shims only.
 
-Nothing of the official code is copied into this repository: every function here takes the path of a checkout,
-imports from it, and patches in memory what cannot run here (CUDA calls on a CPU machine, the backbone builder,
-the order of ``os.listdir``, the torch-2 ``detect_anomaly`` switch, a missing ``einops``). Each patch is undone
-when its ``Patches`` context ends, so the same process can run ours and theirs side by side.
+Nothing of the official code is copied into this repository: every function here takes the path of a checkout
+(common.check_checkout finds it), imports from it, and patches in memory what cannot run here (CUDA calls on a CPU
+machine, the backbone builder, the order of ``os.listdir``, the torch-2 ``detect_anomaly`` switch, a missing
+``einops``). Each patch is undone when its ``Patches`` context ends, so the same process can run ours and theirs
+side by side.
 """
 
 from __future__ import annotations
@@ -15,64 +16,11 @@ import importlib.util
 import os
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Where the official code lives
-
-
-@dataclass(frozen=True)
-class Official:
-    name: str
-    url: str
-    marker: str  # a file every checkout has; its absence means "not a checkout of this repository"
-    flag: str  # the command-line flag that takes its path
-
-
-OFFICIAL = {
-    "dra": Official("DRA (Ding et al., CVPR 2022)", "https://github.com/Choubo/DRA", "modeling/net.py", "--official-dra"),
-    "devnet": Official(
-        "DevNet for images (Pang et al.)", "https://github.com/Choubo/deviation-network-image", "modeling/net.py",
-        "--official-devnet",
-    ),
-    "ahl": Official("AHL (Zhu et al., CVPR 2024)", "https://github.com/mala-lab/AHL", "modeling/DRA_AHL.py", "--official-ahl"),
-}
-# commits the figures in docs/parity.md were measured with
-MEASURED_COMMITS = {
-    "dra": "3fb0e9cce9bee3c23072caa30c889b905c4830ed",
-    "devnet": "7a13ee63734148c637746999a4939011c828ea9b",
-    "ahl": "7114e08243a8c6ea591a5e74c8dc176c913bddb8",
-}
-
-
-class MissingCheckout(Exception):
-    """The path given for an official repository is missing or is not a checkout of it."""
-
-
-def how_to_get(kind: str, path: str | Path | None = None) -> str:
-    o = OFFICIAL[kind]
-    target = path or Path("official") / kind
-    return f"git clone {o.url} {target} (measured at commit {MEASURED_COMMITS[kind][:10]}: git -C {target} checkout {MEASURED_COMMITS[kind][:10]})"
-
-
-def check_checkout(kind: str, path: str | Path | None) -> Path:
-    """The checkout's root, or MissingCheckout naming the flag, the repository and how to get it."""
-    o = OFFICIAL[kind]
-    if path is None:
-        raise MissingCheckout(f"{o.flag} is required: the path of a checkout of the official {o.name} code; "
-                              f"get it with: {how_to_get(kind)}")  # fmt: skip
-    root = Path(path).expanduser().resolve()
-    if not (root / o.marker).is_file():
-        what = "does not exist" if not root.exists() else f"is not a checkout of {o.url} (no {o.marker})"
-        raise MissingCheckout(f"{o.flag} {path}: {what}; get the official {o.name} code with: {how_to_get(kind, path)}")
-    return root
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Reversible patches
@@ -335,13 +283,9 @@ def standard_reference(*loss_modules: types.ModuleType) -> Iterator[None]:
 
 
 __all__ = [
-    "OFFICIAL",
     "FeatureBody",
-    "MissingCheckout",
     "Patches",
     "ScoreRecorder",
-    "check_checkout",
-    "how_to_get",
     "import_official",
     "kmeans_n_init_10",
     "map_cuda",

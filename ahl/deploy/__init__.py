@@ -1,0 +1,1 @@
+"""Deployment: `ahl predict` and the `ahl` console script."""

@@ -1,0 +1,26 @@
+"""The `ahl` command (a console script, pyproject.toml): `ahl predict ...` scores new images (ahl/deploy/predict.py).
+Each command's module is imported when it runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "predict": ("ahl.deploy.predict", "score images with a trained run -> predictions.csv (+ heatmaps)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        usage = "usage: ahl COMMAND [-h] ...\ncommands:\n" + "".join(
+            f"  {k:10s}{h}\n" for k, (_, h) in COMMANDS.items()
+        )
+        print(usage, file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout, end="")
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

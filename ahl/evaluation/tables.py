@@ -1,0 +1,143 @@
+"""The papers' kind of table from many runs: mean ± std over seeds per group, next to the published figure.
+
+Input: the rows of ``dvc.api.exp_show()`` (one per commit or experiment; params and metrics as flat columns).
+This module does not import dvc: scripts/table.py calls DVC and hands the rows over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
+# A row = one combination of these params and the model; seeds are what is averaged. The AHL switches are part
+# of the group so that the ablation's variants never mix with the full method.
+GROUP_BY = (
+    "classname", "setting", "protocol.n_anomalies", "protocol.known_class", "backbone.name", "backbone.image_size",
+    "ahl.hadg.random_clusters", "ahl.weighting", "ahl.cdl",
+)  # fmt: skip
+# Our model names -> the papers' column names.
+PAPER_MODEL = {"dra": "DRA", "devnet": "DevNet", "AHL(dra)": "AHL(DRA)", "AHL(devnet)": "AHL(DevNet)"}
+PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "published.csv"
+
+
+def _value(v: Any) -> Any:
+    """dvc.api.exp_show gives every number as float, None as "None", and "-" / "!" where a value is absent or
+    could not be read; undo that."""
+    if v in ("None", "-", "!"):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# What the metrics file holds (per model under "base." and "ahl.", and at the top level); every other column of
+# dvc.api.exp_show is a param (a key both files hold comes prefixed with its file name).
+MODEL_KEYS = ("model", "auc_roc", "auc_pr", "seen_auc_roc", "seen_auc_pr", "unseen_auc_roc", "unseen_auc_pr")
+TOP_KEYS = ("classname", "setting", "n_anomalies", "seen_classes")
+
+
+def _split(row: dict, metrics_file: str) -> tuple[dict, dict]:
+    params, metrics = {}, {}
+    for key, value in row.items():
+        if key in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor"):
+            continue
+        file, _, name = key.rpartition(":")
+        head, _, rest = name.partition(".")
+        is_metric = file == metrics_file or (
+            file == ""
+            and ((head in ("base", "ahl") and (rest in MODEL_KEYS or rest.startswith(("per_class", "n_test"))))
+                 or name in TOP_KEYS[1:])
+        )  # fmt: skip
+        (metrics if is_metric else params)[name] = _value(value)
+    return params, metrics
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.json") -> pd.DataFrame:
+    """One row per run and model (base, AHL): the run's params (dotted names), its setting, model and metrics.
+
+    The workspace row is skipped: it repeats a commit or the last experiment.
+    """
+    out = []
+    for row in rows:
+        if row.get("rev") == "workspace":
+            continue
+        params, metrics = _split(row, metrics_file)
+        for model in ("base", "ahl"):
+            if metrics.get(f"{model}.auc_roc") is None:
+                continue
+            name = metrics[f"{model}.model"]
+            entry = {**params, "run": row.get("Experiment") or row.get("rev"), "setting": metrics.get("setting")}
+            entry["model"] = PAPER_MODEL.get(name, name)
+            entry.update({m: _number(metrics.get(f"{model}.{m}")) for m in METRICS})
+            out.append(entry)
+    return pd.DataFrame(out)
+
+
+def aggregate(runs: pd.DataFrame, group_by: Sequence[str] = GROUP_BY, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """mean, std (population, as the papers report) and n over seeds of every metric, per group and model; a
+    seed repeated within a group counts once (the last run listed). Hard-setting groups also get a row
+    ``known_class = "mean"``: the mean over known classes of the per-class means, as the papers' Table 2."""
+    keys = [g for g in group_by if g in runs.columns] + ["model"]
+    runs = runs.astype({k: object for k in keys}).fillna({k: "-" for k in keys})
+    runs = runs.drop_duplicates(subset=[*keys, "seed"], keep="first")
+    table = runs.groupby(keys, dropna=False)[list(metrics)].agg(["mean", lambda x: float(np.std(x.dropna())), "count"])
+    table.columns = [f"{m}_{stat if stat != '<lambda_0>' else 'std'}" for m, stat in table.columns]
+    table["seeds"] = runs.groupby(keys, dropna=False)["seed"].apply(lambda s: sorted(s.tolist()))
+    table = table.reset_index()
+    if "protocol.known_class" in keys:
+        hard = table[table["setting"] == "hard"]
+        if len(hard):
+            others = [k for k in keys if k != "protocol.known_class"]
+            means = hard.groupby(others, dropna=False)[[f"{m}_mean" for m in metrics]].mean().reset_index()
+            means["protocol.known_class"] = "mean"
+            table = pd.concat([table, means], ignore_index=True)
+    return table
+
+
+def with_published(table: pd.DataFrame, published: Path | str = PUBLISHED) -> pd.DataFrame:
+    """Add the published AUC-ROC (mean, std, source) of the same cell and our mean minus it.
+
+    A cell: classname, setting, M and model; in the hard setting only the papers' mean over known classes."""
+    pub = pd.read_csv(published)
+    pub["known_class"] = pub["known_class"].fillna("-")
+    table = table.copy()
+    keys = {"classname": "classname", "setting": "setting", "protocol.n_anomalies": "m", "model": "model"}
+    if not set(keys) <= set(table.columns):
+        return table
+    known = table["protocol.known_class"] if "protocol.known_class" in table.columns else "-"
+    table["_known"] = np.where(table["setting"] == "hard", known, "-")
+    pub = pub.rename(columns={"m": "protocol.n_anomalies", "known_class": "_known", "auc_roc": "published",
+                              "auc_roc_std": "published_std", "source": "published_in"})  # fmt: skip
+    merged = table.merge(pub, how="left", on=["classname", "setting", "protocol.n_anomalies", "model", "_known"])
+    merged["difference"] = merged["auc_roc_mean"] - merged["published"]
+    return merged.drop(columns="_known")
+
+
+def format_table(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
+    """A Markdown table; each metric as mean±std, with the published AUC-ROC and the difference when known."""
+    if table.empty:
+        return "(no runs with metrics)"
+    stats = {f"{m}_{s}" for m in metrics for s in ("mean", "std", "count")}
+    extra = {"published", "published_std", "published_in", "difference"}
+    keys = [c for c in table.columns if c not in stats | extra]
+    header = keys + list(metrics) + (["published", "difference"] if "published" in table.columns else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in keys]
+        for m in metrics:
+            mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
+            cells.append("-" if pd.isna(mean) else f"{mean:.3f}" + ("" if pd.isna(std) else f"±{std:.3f}"))
+        if "published" in table.columns:
+            pub, sd = row["published"], row["published_std"]
+            cells.append("-" if pd.isna(pub) else f"{pub:.3f}" + ("" if pd.isna(sd) else f"±{sd:.3f}"))
+            cells.append("-" if pd.isna(row["difference"]) else f"{row['difference']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
