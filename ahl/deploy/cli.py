@@ -1,5 +1,6 @@
-"""The `ahl` command (a console script, pyproject.toml): `ahl predict ...` scores new images (ahl/deploy/predict.py).
-Each command's module is imported when it runs."""
+"""The `ahl` command (a console script, pyproject.toml): `ahl predict ...` scores new images (ahl/deploy/predict.py),
+`ahl export ...` writes a run as an ONNX or OpenVINO model (ahl/deploy/export.py), `ahl infer ...` scores images
+with it without torch (ahl/deploy/infer.py). Each command's module is imported when it runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 
 COMMANDS = {
     "predict": ("ahl.deploy.predict", "score images with a trained run -> predictions.csv (+ heatmaps)"),
+    "export": ("ahl.deploy.export", "a trained run -> deploy/: model.onnx or OpenVINO's model.xml, metadata.json"),
+    "infer": ("ahl.deploy.infer", "score images with an export, without torch -> predictions.csv (+ heatmaps)"),
 }
 
 

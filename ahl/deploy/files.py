@@ -1,4 +1,4 @@
-"""The files of `ahl predict` (no torch here): the inputs (files, folders, globs) and the
+"""The files of `ahl predict` and `ahl infer` (no torch here): the inputs (files, folders, globs) and the
 outputs that must never overwrite them, images read as the stages read them, heatmap files and predictions.csv."""
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def as_images(images, size: int) -> np.ndarray:
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The arguments of `ahl predict`: the inputs, --out, --heatmaps, --max-pixels,
+    """The arguments `ahl predict` and `ahl infer` share: the inputs, --out, --heatmaps, --max-pixels,
     --batch-size, -v (the model's are each's own)."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")

@@ -1,4 +1,4 @@
-"""A heatmap drawn over its image (numpy, Pillow and matplotlib only, no torch: a torch-free caller draws
+"""A heatmap drawn over its image (numpy, Pillow and matplotlib only, no torch: the torch-free `ahl infer` draws
 with it too)."""
 
 from __future__ import annotations

@@ -1,0 +1,74 @@
+"""The Python API: a trained run (``load_run``, with the training stack) and its export (``load_exported``, numpy
+and a runtime only) behind one interface, so that code written in the lab runs unchanged on the line.
+
+    from ahl import load_run, load_exported
+    run = load_run(".")                      # models/base.pt, models/ahl.pt, models/thresholds.json
+    out = run.score(images)                  # uint8 (N, S, S, 3) RGB at run.size, or image files
+    out["score"], out["head_scores"], out["anomaly_map"], run.decide(out["score"])
+    run.export("deploy", format="openvino")  # -> deploy/model.xml, model.bin, metadata.json
+    line = load_exported("deploy")           # the same .score, .decide, .threshold, .size, .model, .head_names
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ahl.core.runtime import Runtime
+from ahl.deploy.export import export
+from ahl.deploy.files import as_images
+from ahl.evaluation.scorer import AHL, BASE, Scorer
+from ahl.evaluation.scorer import load_run as load_scorer
+
+
+@dataclass
+class Run:
+    """A trained run and the model that decides (``model``: ahl when trained, else base)."""
+
+    scorer: Scorer
+    model: str
+    root: Path
+
+    @property
+    def size(self) -> int:
+        return self.scorer.size
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(self._heads().head_names)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.scorer.threshold(self.model)
+
+    def _heads(self):
+        return self.scorer.base.model.heads if self.model == "base" else self.scorer.ahl
+
+    def decide(self, scores: np.ndarray) -> np.ndarray | None:
+        """``score > threshold`` per image, as calibrate chose it; None when the run has no threshold."""
+        return None if self.threshold is None else np.asarray(scores) > self.threshold
+
+    def score(self, images: np.ndarray | Sequence[str | Path], batch_size: int = 32) -> dict[str, np.ndarray]:
+        """{score (N,), head_scores (N, heads), anomaly_map (N, S, S)} of the deciding model, for RGB images
+        (N, S, S, 3) (uint8, or floats in [0, 1]) or image files; the scorer's one backbone pass per image."""
+        scores = self.scorer.score_images(as_images(images, self.size), batch_size, [self.model])
+        return {
+            "score": scores.final[self.model], "head_scores": scores.heads[self.model],
+            "anomaly_map": scores.heatmaps(self.model, (self.size, self.size)),
+        }  # fmt: skip
+
+    def export(self, out: str | Path = "deploy", format: str = "onnx") -> Path:  # noqa: A002 (as `ahl export`)
+        """Write the deciding model as ``out/model.onnx`` (format onnx) or ``out/model.xml`` + ``model.bin``
+        (openvino), with ``out/metadata.json``; returns the model file."""
+        files = {"base": self.root / BASE} | ({"ahl": self.root / AHL} if self.scorer.ahl is not None else {})
+        return export(self.scorer, out, fmt=format, model=self.model, checkpoints=files)
+
+
+def load_run(path: str | Path = ".", model: str = "auto", runtime: Runtime | None = None) -> Run:
+    """The trained run of the project at ``path`` (models/base.pt, models/ahl.pt when present, or ``model``: ahl
+    or base, models/thresholds.json when present), each file checked against what it was made from."""
+    scorer = load_scorer(path, model=model, runtime=runtime)
+    return Run(scorer, scorer.models[-1], Path(path))
