@@ -61,13 +61,15 @@ def runs(reproduced, devnet, tmp_path_factory):
 # the features rounded to float16, as the feature cache stores them, and a 1e-6 difference can carry a value across
 # a float16 rounding step (5e-4 of it): 1e-3 of the largest head score holds there (a head score near 0 can move
 # by more than 1e-3 of itself). Such a step moves an AHL score by an absolute amount whatever its size (4.3e-4 on a
-# score of 0.35 was seen, 1.2e-3 of it, with scores up to 10): 1e-4 of the largest score is added as absolute slack.
-# The measured maxima are in docs/deployment.md.
+# score of 0.35 was seen, 1.2e-3 of it, with scores up to 10), and OpenVINO's compiled graph skips that float16
+# round trip altogether (up to 9.6e-4 absolute on the demo's AHL scores, docs/deployment.md): an absolute slack of
+# 2e-3, or 1e-4 of the largest score if more. A tighter bound tests the CPU's
+# rounding, not the export (it failed CI once at 1e-6 absolute). The measured maxima are in docs/deployment.md.
 RTOL = {"base": 1e-4, "ahl": 1e-3}
 
 
 def score_atol(model: str, scores: np.ndarray) -> float:
-    return 1e-6 if model == "base" else 1e-4 * max(1.0, float(np.abs(scores).max()))
+    return 1e-6 if model == "base" else max(2e-3, 1e-4 * float(np.abs(scores).max()))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
