@@ -93,6 +93,17 @@ def read_batch(
     return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), ok, errors
 
 
+
+def batches(paths: list[Path], size: int, batch_size: int, max_pixels: int | None, errors: dict[Path, str]):
+    """``paths`` read in batches of ``batch_size``: yields (images (N, S, S, 3) uint8, their paths, how many were
+    skipped); the skipped ones go into ``errors`` ({path: reason}) with a warning each."""
+    for start in range(0, len(paths), batch_size):
+        images, ok, bad = read_batch(paths[start : start + batch_size], size, max_pixels)
+        errors.update(bad)
+        for reason in bad.values():
+            log.warning("skipped %s", reason)
+        yield images, ok, len(bad)
+
 def heatmap_names(paths: list[Path]) -> dict[Path, Path]:
     """Where each image's heatmap goes, relative to the heatmap folder: its path below the inputs' common folder,
     as .png (a name taken twice, e.g. a.png and a.jpg, keeps its suffix: a.jpg.png)."""

@@ -21,11 +21,11 @@ from PIL import Image
 from ahl.core.errors import UserError
 from ahl.deploy.exported import ExportedRun, load_exported
 from ahl.deploy.files import (
+    batches,
     caption,
     check_outputs,
     command_parser,
     heatmap_names,
-    read_batch,
     resolve_inputs,
     run_command,
     write_heatmap,
@@ -44,11 +44,7 @@ def score_files(run: ExportedRun, paths: list[Path], batch_size: int, max_pixels
     """Rows (path, score_<model>, <model>_<head>...) of the readable files, their maps (S, S), and {file: reason}."""
     rows, maps, errors = [], {}, {}
     key = run.model
-    for start in range(0, len(paths), batch_size):
-        images, ok, bad = read_batch(paths[start : start + batch_size], run.size, max_pixels)
-        errors.update(bad)
-        for reason in bad.values():
-            log.warning("skipped %s", reason)
+    for images, ok, _ in batches(paths, run.size, batch_size, max_pixels, errors):
         if ok:
             out = run.score(images, batch_size)
             for i, path in enumerate(ok):

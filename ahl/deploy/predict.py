@@ -25,11 +25,11 @@ from ahl.core.errors import UserError
 from ahl.core.runtime import AUTOCAST, Runtime, RuntimeConfig, configure_tf32, resolve_device
 from ahl.data.mvtec import MAX_PIXELS
 from ahl.deploy.files import (
+    batches,
     caption,
     check_outputs,
     command_parser,
     heatmap_names,
-    read_batch,
     resolve_inputs,
     run_command,
     write_heatmap,
@@ -60,17 +60,13 @@ def score_files(scorer: Scorer, paths: list[Path], batch_size: int, model: str, 
     """Rows of scores (one per readable file), patch maps of ``model`` per file, and {file: reason} for the rest."""
     rows, maps, errors = [], {}, {}
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not show_progress())
-    for start in range(0, len(paths), batch_size):
-        images, ok, bad = read_batch(paths[start : start + batch_size], scorer.size, max_pixels)
-        errors.update(bad)
-        for reason in bad.values():
-            log.warning("skipped %s", reason)
+    for images, ok, skipped in batches(paths, scorer.size, batch_size, max_pixels, errors):
         if ok:
             scores = scorer.score_images(images, batch_size)
             columns = scores.columns()
             rows += [{"path": str(p), **{k: float(v[i]) for k, v in columns.items()}} for i, p in enumerate(ok)]
             maps.update({p: [m[i : i + 1] for m in scores.maps[model]] for i, p in enumerate(ok)})
-        bar.update(len(ok) + len(bad))
+        bar.update(len(ok) + skipped)
     bar.close()
     return rows, maps, errors
 
