@@ -144,8 +144,9 @@ def test_a_stage_with_device_auto_holds_a_free_gpu(tmp_path, monkeypatch):
     import yaml
     from conftest import ROOT as PROJECT
 
-    from stages.common import Params
-    from stages.compute import run_device
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))  # as `python stages/x.py` runs: stages/ first on the path
+    from common import Params
+    from compute import run_device
 
     monkeypatch.setenv("AHL_GPU_LOCKS", str(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
