@@ -9,47 +9,21 @@ import io
 import numpy as np
 import pandas as pd
 from common import ROOT, Params, run
-from compute import stage_runtime
 from live import live
 from PIL import Image
+from scoring import DATA, SPLIT, score_part
 
-from ahl.core import provenance
 from ahl.core.io import read_json, write_text
 from ahl.core.spreadsheet import write_csv
-from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.evaluation.image_metrics import EvaluateConfig, compute_metrics
 from ahl.evaluation.pixel_metrics import load_masks, pixel_metrics
 from ahl.evaluation.report import png_bytes, report_figures, report_html
-from ahl.evaluation.scorer import Scorer
 from ahl.evaluation.threshold import metrics_at_threshold
-from ahl.method.cache import INDEX, load_cache
 
-DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
-CACHE, AHL = "cache/features", "models/ahl.pt"
 METRICS, SCORES, PLOTS = "results/metrics.json", "results/scores.csv", "results/evaluation"
 REPORT = "results/report.html"
 THRESHOLDS = "models/thresholds.json"  # the deployment thresholds (stage calibrate), chosen without the test set
-FEATURES = "python stages/features.py"  # what reruns a stale cache
-
-
-def score_test_set(params: Params, split: Split, batch_size: int):
-    """The run (ahl/evaluation/scorer.py, as calibrate and `ahl predict` load it) and its scores of the test set:
-    the base model's from one backbone pass over the images, AHL's from the cached features; and the images."""
-    ahl = ROOT / AHL if (ROOT / AHL).is_file() else None
-    scorer = Scorer.load(
-        ROOT / BASE, ahl, thresholds=ROOT / THRESHOLDS, runtime=stage_runtime(params), split=ROOT / SPLIT,
-        cache=ROOT / CACHE / INDEX if ahl else None,
-    )  # fmt: skip
-    cache = None
-    if ahl is not None:
-        cache = load_cache(ROOT / CACHE)
-        provenance.check(CACHE, cache.meta.get("inputs"), FEATURES, split=ROOT / SPLIT, base=ROOT / BASE)
-    images = load_images(ROOT / DATA / split.classname, [s.file for s in split.test], scorer.size)
-    scores = scorer.score_images(images, batch_size, models=("base",))
-    if cache is not None:
-        scores.update(scorer.score_features(cache.test, cache.normal_mean, batch_size))
-    return scorer, scores, images
 
 
 def main(params: Params) -> None:
@@ -57,7 +31,7 @@ def main(params: Params) -> None:
     split = Split.from_dict(read_json(ROOT / SPLIT))
     labels = np.array([s.label for s in split.test])
     classes, seen = [s.cls for s in split.test], [s.seen for s in split.test]
-    scorer, run, images = score_test_set(params, split, config.batch_size)
+    scorer, run, images = score_part(params, split, "test", config.batch_size, thresholds=ROOT / THRESHOLDS)
     scores, names = run.final, scorer.names
     heat = {key: run.heatmaps(key, images.shape[1:3]) for key in scores}
     masks = load_masks(ROOT / DATA / split.classname, [s.file for s in split.test], labels, images.shape[1])
