@@ -29,12 +29,20 @@ def main(params: Params) -> None:
     if not (labels == 0).any():  # protocol.validation_fraction = 0 (the papers' training set): no threshold
         log.warning("no validation normals (protocol.validation_fraction = 0): no thresholds in %s", OUT)
     else:
-        scores = score_part(params, split, "validation", config.batch_size)[1].final
-        for key, s in scores.items():
+        scorer, scored, _ = score_part(params, split, "validation", config.batch_size)
+        out["runtime"] = scorer.runtime.describe()
+        for key, s in scored.final.items():
             out[key] = choose(config, s[labels == 0], s[labels == 1], f"{key} on {SPLIT}")
-            v = out[key]["validation"]
+            v, firm = out[key]["validation"], out[key]["firmness"]
             print(f"{key}: threshold {out[key]['threshold']:.6g} ({config.rule}); validation {v['normal']} normals, "
                   f"{v['anomaly']} anomalies, FPR {v['fpr']}")  # fmt: skip
+            if firm["on_highest_normal"]:
+                log.warning(
+                    "%s: %d validation normals x threshold.target_fpr %g < 1, so the threshold is the highest "
+                    "normal's own score (gaps to the nearest scores: %s below, %s above): a drift of that image's "
+                    "score flips its decision; more validation normals (protocol.validation_fraction) make it firmer",
+                    key, v["normal"], config.target_fpr, firm["gap_below"], firm["gap_above"],
+                )  # fmt: skip
     out["inputs"] = provenance.inputs(**made_from(ROOT / SPLIT, ROOT / BASE, ROOT / AHL))
     write_json(ROOT / OUT, out)
 

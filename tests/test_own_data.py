@@ -130,7 +130,7 @@ def test_your_own_folder_runs_through_the_whole_pipeline(small_dataset, tmp_path
     assert metrics["classname"] == "mine" and 0.0 <= metrics["ahl"]["auc_roc"] <= 1.0
     assert set(metrics["base"]["per_class_auc_roc"]) <= {"crack", "foreign", "hole", "scratch", "stain"}
     assert "f1" in metrics["ahl"]["at_threshold"]
-    assert set(json.loads((repo.path / "models/thresholds.json").read_text())) == {"base", "ahl", "inputs"}
+    assert set(json.loads((repo.path / "models/thresholds.json").read_text())) == {"base", "ahl", "runtime", "inputs"}
     assert metrics["base"]["n_test"]["normal"] == 5  # 3:1 of the 18 normals by data.split_seed
 
     # an edit that breaks the folder is caught by selection, before anything else reruns (it depends on

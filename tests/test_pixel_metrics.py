@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ahl.data.mvtec import read_subset
-from ahl.evaluation.localize import heatmaps, patch_maps
+from ahl.evaluation.localize import upsample
+from ahl.method.forward import score_heads
 from ahl.evaluation.overlay import overlay
 from ahl.evaluation.pixel_metrics import aupro, load_masks, mask_file, pixel_metrics, pro_curve
 from ahl.models.devnet import DevNetHeads
@@ -106,7 +107,7 @@ def test_patch_maps_are_what_the_heads_pool(heads_cls):
     heads = heads_cls(8, topk=0.25, margin=5.0).eval()
     features = [torch.randn(3, 8, 4, 4), torch.randn(3, 8, 2, 2)]
     normal_mean = [torch.randn(8, 4, 4), torch.randn(8, 2, 2)]
-    maps = patch_maps(heads, features, normal_mean)
+    maps = score_heads(heads, features, normal_mean).maps
     with torch.no_grad():
         per_head = heads.score_scale(features[0], normal_mean[0])  # (B, n_heads) at the full-size scale
         spatial = [n for n in heads.head_names if n != "holistic"]
@@ -114,10 +115,10 @@ def test_patch_maps_are_what_the_heads_pool(heads_cls):
             assert m.shape == (3, 4, 4)
             pooled = topk_mean(m[:, None], heads.topk)  # |.| of a non-negative map is the map
             assert torch.allclose(pooled, per_head[:, heads.head_names.index(name)])
-    heat = heatmaps(heads, features, normal_mean, 16)
+    heat = upsample(maps, (16, 16))
     assert heat.shape == (3, 16, 16) and (heat >= 0).all()
     ensemble = HeadsEnsemble([heads, heads])  # two equal members: the averaged map is the member's map
-    assert torch.allclose(heatmaps(ensemble, features, normal_mean, 16), heat)
+    assert torch.allclose(upsample(score_heads(ensemble, features, normal_mean).maps, (16, 16)), heat)
 
 
 def test_overlay_is_per_image_and_keeps_the_image_size():

@@ -95,6 +95,56 @@ def test_deps_check_catches_a_missing_and_a_stale_dep(tmp_path):
     assert "stage evaluate: imports ahl/evaluation/image_metrics.py but does not list it in deps" in problems
 
 
+PARAM_PROPERTIES = ("classname", "seed", "device")  # stages/common.py Params' properties of params.yaml values
+
+
+def params_read(script: Path) -> set[str]:
+    """The top-level params (sections and values) stage ``script``'s main reads through stages/common.py's Params,
+    following its calls into the stage helpers (compute.py, scoring.py ...): ``params.section("name", ...)``,
+    ``params.seed``/``.device``/``.classname`` and ``params.raw["name"]``."""
+    trees = {p.stem: ast.parse(p.read_text()) for p in script.parent.glob("*.py")}
+    functions = {m: {n.name: n for n in ast.walk(t) if isinstance(n, ast.FunctionDef)} for m, t in trees.items()}
+    imported = {
+        m: {a.asname or a.name: n.module for n in ast.walk(t) if isinstance(n, ast.ImportFrom) and n.module in trees
+            for a in n.names}
+        for m, t in trees.items()
+    }  # fmt: skip
+    reads, seen, todo = set(), set(), [(script.stem, "main")]
+    while todo:
+        module, name = todo.pop()
+        if (module, name) in seen or name not in functions.get(module, {}):
+            continue
+        seen.add((module, name))
+        for node in ast.walk(functions[module][name]):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section":
+                if node.args and isinstance(node.args[0], ast.Constant):
+                    reads.add(node.args[0].value)
+            elif isinstance(node, ast.Attribute) and node.attr in PARAM_PROPERTIES:
+                if isinstance(node.value, ast.Name) and node.value.id == "params":
+                    reads.add(node.attr)
+            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "raw":
+                if isinstance(node.slice, ast.Constant):
+                    reads.add(node.slice.value)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                callee = node.func.id
+                todo.append((imported[module].get(callee, module), callee))
+    return reads
+
+
+def test_stage_params_match_what_each_stage_reads():
+    """Every params section or value a stage reads is declared in its dvc.yaml params (a section or keys of it):
+    an undeclared one (calibrate's runtime once) lets a change of it leave the stage's outputs stale."""
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    problems = []
+    for name, script in stage_scripts(dvc_yaml).items():
+        declared = {str(p).split(".")[0] for p in dvc_yaml["stages"][name].get("params", [])}
+        problems += [f"stage {name} reads params {r!r} but dvc.yaml does not declare it"
+                     for r in sorted(params_read(script) - declared)]  # fmt: skip
+    assert problems == []
+    # the reader follows calls into the helpers: calibrate reaches runtime and device through scoring and compute
+    assert {"threshold", "runtime", "device", "distributed"} <= params_read(ROOT / "stages/calibrate.py")
+
+
 def test_stage_paths_are_declared_in_dvc_yaml():
     """The path constants of each stage script (DATA, SPLIT, OUT, ...) are its deps or outs in dvc.yaml."""
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -256,3 +306,22 @@ def test_stages_import_only_what_they_use():
 if __name__ == "__main__":
     for p in deps_problems(ROOT):
         print(p)
+
+
+def test_packaging_declares_ranges_and_the_deploy_extras():
+    """pyproject.toml: the library's dependencies as ranges (never pins), extras onnx, openvino and deploy (both),
+    the lab's stack as an extra; requirements.txt pins every package exactly for the lab and CI."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"], *(d for group in extras.values() for d in group)]
+    assert declared and not [d for d in declared if "==" in d], "pyproject.toml pins a version: use a range"
+    assert {"onnx", "openvino", "deploy", "lab"} <= set(extras)
+    assert extras["onnx"] == ["onnxruntime>=1.20"] and extras["openvino"] == ["openvino>=2025.0"]
+    assert extras["deploy"] == ["ahl[onnx,openvino]"]
+    assert not [d for d in project["dependencies"] if re.match(r"(torch|timm|dvc)\b", d)]  # the line: no torch
+    pins = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    pins = [p for p in pins if p and not p.startswith("-e")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][^ ]*", p) for p in pins), pins

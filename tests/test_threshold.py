@@ -89,3 +89,31 @@ def test_validation_slice_is_disjoint_from_train_and_test_and_deterministic(smal
     assert [s.file for s in none.train_anomalies] == [s.file for s in split.train_anomalies]
     assert [s for s in none.validation if s.label == 0] == [] and len(none.train_normals) == 12
     assert make_split(subset, config, seed=4).validation != split.validation
+
+
+def test_a_threshold_on_the_highest_normal_says_so_with_its_gaps():
+    """N * target_fpr < 1 (the demo: 8 validation normals at 0.01): the threshold is the highest normal's own score,
+    and thresholds.json records it with the gaps to the nearest validation scores on each side."""
+    normal, anomaly = np.array([0.1, 0.5, 0.9, 0.7, 0.2, 0.3, 0.4, 0.6]), np.array([1.5, 0.95, 3.0])
+    entry = choose(FPR, normal, anomaly, "ahl")
+    assert entry["threshold"] == 0.9
+    firm = entry["firmness"]
+    assert firm["on_highest_normal"] is True
+    assert firm["gap_below"] == pytest.approx(0.2) and firm["gap_above"] == pytest.approx(0.05)
+    many = np.arange(200, dtype=np.float64)  # 200 x 0.01 = 2 normals may lie above: not on the highest normal
+    assert choose(FPR, many, np.zeros(0), "ahl")["firmness"] == {"on_highest_normal": False, "gap_below": 1.0,
+                                                                 "gap_above": 1.0}  # fmt: skip
+    only = choose(FPR, np.array([2.0]), np.zeros(0), "ahl")["firmness"]
+    assert only == {"on_highest_normal": True, "gap_below": None, "gap_above": None}
+
+
+def test_borderline_is_within_the_tolerance_of_the_threshold():
+    from ahl.evaluation.decision import TOLERANCE, borderline, checked_threshold, decide
+
+    scores = np.array([1.0, 1.0 + TOLERANCE / 2, 1.0 - TOLERANCE, 1.0 + 2 * TOLERANCE, 0.5])
+    assert borderline(scores, 1.0).tolist() == [True, True, True, False, False]
+    assert decide(scores, 1.0).tolist() == [False, True, False, True, False]
+    assert borderline(scores, None) is None and decide(scores, None) is None
+    for bad in (float("nan"), float("inf"), "1.0", True):
+        with pytest.raises(UserError, match="is not a finite number"):
+            checked_threshold(bad, "--threshold", "give a score")

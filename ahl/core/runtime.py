@@ -87,6 +87,11 @@ class Runtime:
         dtype = torch.bfloat16 if autocast == "bfloat16" else None
         return cls(device, dtype, channels_last, config.compile)
 
+    def describe(self) -> dict:
+        """What a result computed under this runtime records (thresholds.json, an export's metadata)."""
+        return {"device": str(self.device), "dtype": str(self.dtype or torch.float32).removeprefix("torch."),
+                "channels_last": self.channels_last, "compile": self.compile, "torch": torch.__version__}  # fmt: skip
+
     def autocast(self) -> AbstractContextManager:
         """Autocast to ``dtype`` for forward passes (a no-op in float32); backward runs outside it."""
         if self.dtype is None:

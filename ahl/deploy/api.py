@@ -4,7 +4,7 @@ and a runtime only) behind one interface, so that code written in the lab runs u
     from ahl import load_run, load_exported
     run = load_run(".")                      # models/base.pt, models/ahl.pt, models/thresholds.json
     out = run.score(images)                  # uint8 (N, S, S, 3) RGB at run.size, or image files
-    out["score"], out["head_scores"], out["anomaly_map"], run.decide(out["score"])
+    out["score"], out["head_scores"], out["anomaly_map"], run.decide(out["score"]), run.borderline(out["score"])
     run.export("deploy", format="openvino")  # -> deploy/model.xml, model.bin, metadata.json
     line = load_exported("deploy")           # the same .score, .decide, .threshold, .size, .model, .head_names
 """
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ahl.core.errors import UserError
 from ahl.core.runtime import Runtime
 from ahl.deploy.export import export
 from ahl.deploy.files import as_images
-from ahl.evaluation.scorer import AHL, BASE, Scorer
-from ahl.evaluation.scorer import load_run as load_scorer
+from ahl.evaluation.decision import TOLERANCE, borderline, decide
+from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
 
 
 @dataclass
@@ -47,9 +48,18 @@ class Run:
     def _heads(self):
         return self.scorer.base.model.heads if self.model == "base" else self.scorer.ahl
 
+    @property
+    def tolerance(self) -> float:
+        """The lab/line score difference an export of this run allows for (ahl.evaluation.decision.TOLERANCE)."""
+        return TOLERANCE
+
     def decide(self, scores: np.ndarray) -> np.ndarray | None:
         """``score > threshold`` per image, as calibrate chose it; None when the run has no threshold."""
-        return None if self.threshold is None else np.asarray(scores) > self.threshold
+        return decide(scores, self.threshold)
+
+    def borderline(self, scores: np.ndarray) -> np.ndarray | None:
+        """Per image: its score lies within ``tolerance`` of the threshold (None without one)."""
+        return borderline(scores, self.threshold, self.tolerance)
 
     def score(self, images: np.ndarray | Sequence[str | Path], batch_size: int = 32) -> dict[str, np.ndarray]:
         """{score (N,), head_scores (N, heads), anomaly_map (N, S, S)} of the deciding model, for RGB images
@@ -64,11 +74,22 @@ class Run:
         """Write the deciding model as ``out/model.onnx`` (format onnx) or ``out/model.xml`` + ``model.bin``
         (openvino), with ``out/metadata.json``; returns the model file."""
         files = {"base": self.root / BASE} | ({"ahl": self.root / AHL} if self.scorer.ahl is not None else {})
+        if self.scorer.thresholds:
+            files["thresholds"] = self.root / THRESHOLDS
         return export(self.scorer, out, fmt=format, model=self.model, checkpoints=files)
 
 
 def load_run(path: str | Path = ".", model: str = "auto", runtime: Runtime | None = None) -> Run:
-    """The trained run of the project at ``path`` (models/base.pt, models/ahl.pt when present, or ``model``: ahl
-    or base, models/thresholds.json when present), each file checked against what it was made from."""
-    scorer = load_scorer(path, model=model, runtime=runtime)
-    return Run(scorer, scorer.models[-1], Path(path))
+    """The trained run of the project at ``path``: models/base.pt, models/ahl.pt (``model``: auto = when it exists,
+    ahl = required, base = not loaded) and models/thresholds.json when it exists, each file checked against what
+    it was made from."""
+    if model not in ("auto", "ahl", "base"):
+        raise UserError(f"model must be auto, ahl or base, got {model!r}")
+    root = Path(path)
+    ahl = root / AHL
+    if model == "ahl" and not ahl.is_file():
+        raise UserError(f"{ahl} is missing; train AHL first (`dvc repro train_ahl`) or use model='base'")
+    use_ahl = model == "ahl" or (model == "auto" and ahl.is_file())
+    chosen = root / THRESHOLDS if (root / THRESHOLDS).is_file() else None
+    scorer = Scorer.load(root / BASE, ahl if use_ahl else None, thresholds=chosen, runtime=runtime)
+    return Run(scorer, scorer.models[-1], root)

@@ -16,8 +16,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from ahl import __version__
+
+        print(f"ahl {__version__}")
+        return
     if not argv or argv[0] not in COMMANDS:
-        usage = "usage: ahl COMMAND [-h] ...\ncommands:\n" + "".join(
+        usage = "usage: ahl COMMAND [-h] [-v] ...  (ahl --version: the version)\ncommands:\n" + "".join(
             f"  {k:10s}{h}\n" for k, (_, h) in COMMANDS.items()
         )
         print(usage, file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout, end="")

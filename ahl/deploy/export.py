@@ -3,35 +3,41 @@ torch.
 
 The graph holds everything the scoring object does for one model (base, or AHL on the base model's features):
 uint8 RGB images (B, S, S, 3) in, scaled to [0, 1]; the backbone; for AHL the features rounded to the feature
-cache's dtype, as evaluate and predict round them; the heads with the mean normal feature they compare with; the
-final score, each head's score and the anomaly map at the input size out. ``metadata.json`` carries the image
-size, the layout, the threshold and its rule, the output names, the sha256 of the checkpoints and of the model
-files, so that the line decides as the lab did (``ahl.deploy.exported.load_exported`` reads both, with onnxruntime
-or OpenVINO and no torch). OpenVINO's IR is converted from the ONNX graph by OpenVINO's own converter.
+cache's dtype; the heads with the mean normal feature they compare with; the final score, each head's score and
+the anomaly map at the input size out. The graph wraps the lab's own code: the backbone's ``multiscale`` and
+``score_heads`` (ahl/method/forward.py), which owns the rounding, so the line computes what the lab does.
+``metadata.json`` (docs/deployment.md lists its fields) records everything the line needs to decide as the lab did
+and to trace where it came from; ``ahl.deploy.exported.load_exported`` reads both, with onnxruntime or OpenVINO
+and no torch. OpenVINO's IR is converted from the ONNX graph by OpenVINO's own converter.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib.metadata
 import logging
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ahl import __version__
 from ahl.core import provenance
+from ahl.core.console import setup_logging
 from ahl.core.errors import UserError
 from ahl.core.io import atomic_dir, write_json
-from ahl.deploy.exported import METADATA, MODEL_FILES
+from ahl.deploy.exported import FORMAT_VERSION, METADATA, MODEL_FILES, OUTPUTS, load_exported
+from ahl.evaluation.decision import DECISION, TOLERANCE
 from ahl.evaluation.localize import upsample
-from ahl.evaluation.scorer import Scorer
-from ahl.method.forward import forward
+from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
+from ahl.method.forward import score_heads
+from ahl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("score", "head_scores", "anomaly_map")
 OPSET = 18
+CHECK_IMAGES = 8  # seeded images the export is scored on, by torch and by its runtime, to measure its tolerance
 
 
 class ExportedScorer(torch.nn.Module):
@@ -41,50 +47,18 @@ class ExportedScorer(torch.nn.Module):
         super().__init__()
         self.network = scorer.base.model
         self.heads = scorer.base.model.heads if model == "base" else scorer.ahl
-        self.round_to = getattr(torch, scorer.feature_dtype) if model == "ahl" else None
+        self.feature_dtype = scorer.feature_dtype if model == "ahl" else None
         self.size = scorer.size
         for s, m in enumerate(scorer.base.normal_mean):
             self.register_buffer(f"normal_mean_{s}", m.detach().float().clone())
         self.n_scales = len(scorer.base.normal_mean)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float() / 255.0
-        net = self.network
-        features = [net.backbone(downscale(x, 2**s, net.resize)) for s in range(net.n_scales)]
-        if self.round_to is not None:  # AHL's heads saw the cached features: rounded to the cache's dtype
-            features = [f.to(self.round_to).float() for f in features]
-        mean = (
-            [getattr(self, f"normal_mean_{s}") for s in range(self.n_scales)] if self.heads.uses_normal_mean else None
-        )
-        weights = dict(self.heads.named_parameters())
-        per_head = forward(self.heads, weights, dict(self.heads.named_buffers()), features, mean).float()
-        maps = self.heads.patch_maps(features[0], mean[0] if mean is not None else None)
-        return self.heads.final_score(per_head), per_head, upsample(maps, (self.size, self.size))
-
-
-def multiscale_input(images: torch.Tensor, size: int, resize: str) -> torch.Tensor:
-    if resize == "nearest":
-        return torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-
-
-def downscale(images: torch.Tensor, factor: int, resize: str) -> torch.Tensor:
-    """``images`` (B, C, S, S) at S / factor, as the backbone's smaller scales make them (ahl/models/backbones.py
-    multiscale), in ops every runtime computes alike: antialiased bilinear as a depthwise convolution with the
-    triangle filter torch uses (renormalised at the borders), nearest as every factor-th pixel. OpenVINO's own
-    antialiased resize gives other values."""
-    if factor == 1:
-        return images
-    size = images.shape[-1]
-    if size % factor:  # not a whole factor (no configuration of this project): torch's own resize
-        return multiscale_input(images, size // factor, resize)
-    if resize == "nearest":
-        return images[..., ::factor, ::factor]
-    taps = torch.arange(2 * factor, dtype=torch.float32)
-    weights = 1 - (taps + 0.5 - factor).abs() / factor
-    kernel = (weights[:, None] * weights[None, :]).expand(images.shape[1], 1, -1, -1).contiguous()
-    conv = functools.partial(torch.nn.functional.conv2d, stride=factor, padding=factor // 2, groups=images.shape[1])
-    return conv(images, kernel) / conv(torch.ones_like(images[:1]), kernel)
+        x = images.permute(0, 3, 1, 2).float() / 255.0  # ahl.models.backbones.to_input
+        features = self.network.features(x)
+        mean = [getattr(self, f"normal_mean_{s}") for s in range(self.n_scales)]
+        scored = score_heads(self.heads, features, mean, feature_dtype=self.feature_dtype)
+        return scored.final, scored.per_head, upsample(scored.maps, (self.size, self.size))
 
 
 def _check_out(out: Path) -> None:
@@ -95,42 +69,97 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} is a folder that holds other files (no {METADATA}); name a new or empty folder")
 
 
-def export(
-    scorer: Scorer, out: str | Path, *, fmt: str = "onnx", model: str | None = None, checkpoints: dict | None = None
-) -> Path:
-    """Write ``out/model.onnx`` and ``out/metadata.json`` (atomically, as one folder) for ``model`` (default: AHL
-    when trained, else the base model); ``checkpoints``: {name: path} of the files the run was loaded from, whose
-    sha256 the metadata records. Returns the model file."""
-    if fmt not in MODEL_FILES:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(MODEL_FILES)}")
-    model = model or scorer.models[-1]
-    if model not in scorer.models:
-        raise UserError(f"--model {model}: this run has {' and '.join(scorer.models)} only")
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def metadata_of(scorer: Scorer, model: str, fmt: str, checkpoints: dict) -> dict:
+    """Everything the line needs to decide as the lab did, and to trace where it came from (docs/deployment.md)."""
     heads = scorer.base.model.heads if model == "base" else scorer.ahl
-    out = Path(out)
-    _check_out(out)
-    graph = ExportedScorer(scorer, model).eval()
-    metadata = {
+    backbone = dict(scorer.base.meta["backbone"])
+    entry = scorer.thresholds.get(model) if scorer.thresholds else None
+    calibration = None
+    if isinstance(entry, dict):
+        calibration = {k: entry.get(k) for k in ("rule", "target_fpr", "firmness")}
+        calibration["validation"] = {k: (entry.get("validation") or {}).get(k) for k in ("normal", "anomaly")}
+        calibration["runtime"] = scorer.thresholds.get("runtime")
+    return {
+        "format_version": FORMAT_VERSION,
         "format": fmt,
         "ahl_version": __version__,
         "model": model,
         "model_name": scorer.names[model],
         "image_size": scorer.size,
         "input": {"name": "images", "layout": "NHWC", "dtype": "uint8", "channels": "RGB"},
+        "preprocessing": {
+            "read": "Pillow: 8-bit RGB (grey replicated), resized to image_size x image_size with Pillow's bilinear "
+            "filter when its size differs (ahl.data.mvtec.load_image); the graph takes the result",
+            "scale": "x / 255",
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "scales": f"scale s at image_size / 2**s by ahl.models.backbones.downscale ({backbone.get('resize')})",
+        },
+        "backbone": backbone,
+        "feature_dtype": scorer.feature_dtype if model == "ahl" else "float32",
         "outputs": list(OUTPUTS),
         "head_names": list(heads.head_names),
         "threshold": scorer.threshold(model),
-        "rule": "is_anomaly = score > threshold",
-        "inputs": provenance.inputs(**(checkpoints or {})),
+        "decision": DECISION,
+        "calibration": calibration,
+        "exporter": {"opset": OPSET, "torch": torch.__version__, "onnx": _version("onnx"),
+                     "onnxscript": _version("onnxscript"), "openvino": _version("openvino") if fmt == "openvino" else None},  # fmt: skip
+        "inputs": provenance.inputs(**checkpoints),
     }
+
+
+def export(
+    scorer: Scorer, out: str | Path, *, fmt: str = "onnx", model: str | None = None, checkpoints: dict | None = None
+) -> Path:
+    """Write ``out/model.onnx`` (or model.xml + model.bin) and ``out/metadata.json`` atomically, as one folder, for
+    ``model`` (default: AHL when trained, else the base model); ``checkpoints``: {name: path} of the files the
+    run was loaded from (base, ahl, thresholds), whose sha256 the metadata records. Returns the model file."""
+    if fmt not in MODEL_FILES:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(MODEL_FILES)}")
+    model = model or scorer.models[-1]
+    if model not in scorer.models:
+        raise UserError(f"--model {model}: this run has {' and '.join(scorer.models)} only")
+    factor = 2 ** (scorer.base.model.n_scales - 1)
+    if scorer.size % factor:
+        raise UserError(f"the run's image size {scorer.size} is not a multiple of {factor} (2 ** (n_scales - 1)): "
+                        "its smaller scales cannot be resized exactly in the graph; retrain at a multiple of it")  # fmt: skip
+    out = Path(out)
+    _check_out(out)
+    graph = ExportedScorer(scorer, model).eval()
+    metadata = metadata_of(scorer, model, fmt, checkpoints or {})
     with atomic_dir(out) as tmp:
         _write_onnx(graph, tmp / "model.onnx", scorer.size)
         if fmt == "openvino":
             _onnx_to_openvino(tmp / "model.onnx", tmp / "model.xml")
         metadata["files"] = provenance.inputs(**{name: tmp / name for name in MODEL_FILES[fmt]})
+        metadata["tolerance"], metadata["tolerance_measured"] = TOLERANCE, None
+        write_json(tmp / METADATA, metadata)
+        measured = _measure(scorer, model, tmp)
+        metadata["tolerance"] = max(TOLERANCE, 2 * measured)
+        metadata["tolerance_measured"] = {"max_abs_difference": measured, "images": f"{CHECK_IMAGES} seeded noise"}
         write_json(tmp / METADATA, metadata)
     log.info("exported %s (%s) to %s", scorer.names[model], fmt, out)
     return out / MODEL_FILES[fmt][0]
+
+
+def _measure(scorer: Scorer, model: str, folder: Path) -> float:
+    """The largest |score difference| between the scorer (float32, CPU) and the export on its runtime, over
+    seeded images; a runtime that computes the graph otherwise than torch fails the export here."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (CHECK_IMAGES, scorer.size, scorer.size, 3), dtype=np.uint8)
+    lab = scorer.score_images(images, CHECK_IMAGES, [model]).final[model]
+    line = load_exported(folder).score(images)["score"]
+    measured = float(np.abs(lab.astype(np.float64) - line).max())
+    if measured > 10 * TOLERANCE:
+        raise UserError(f"the exported model's scores differ from the lab's by up to {measured:.3g} on seeded test "
+                        f"images (more than 10 x {TOLERANCE:g}): this runtime does not compute the graph as torch does")  # fmt: skip
+    return measured
 
 
 @torch.no_grad()
@@ -155,30 +184,45 @@ def _onnx_to_openvino(onnx: Path, xml: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ahl export", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--format", default="onnx", help="onnx (model.onnx, for onnxruntime) or openvino (model.xml + model.bin)"
-    )
+    p.add_argument("--format", default="onnx", choices=tuple(MODEL_FILES),
+                   help="onnx (model.onnx, for onnxruntime) or openvino (model.xml + model.bin)")  # fmt: skip
     p.add_argument("--out", default="deploy", help="the folder for the model and metadata.json (default: deploy)")
     p.add_argument("--model", choices=("base", "ahl"), help="which model decides (default: ahl when trained)")
-    p.add_argument("--base", default="models/base.pt")
-    p.add_argument("--ahl", default="models/ahl.pt", help="AHL's heads (skipped when the file does not exist)")
-    p.add_argument("--thresholds", default="models/thresholds.json", help="(skipped when it does not exist)")
+    p.add_argument("--base", default=BASE, help=f"the base model (default: {BASE})")
+    p.add_argument("--ahl", help=f"AHL's heads (default: {AHL}, skipped when it does not exist)")
+    p.add_argument("--thresholds", help=f"the thresholds (default: {THRESHOLDS}, skipped when it does not exist)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
+def optional_input(given: str | None, default: str, flag: str) -> str | None:
+    """A file given by ``flag`` must exist; the default may be absent (then None)."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise UserError(f"{flag} {given}: no such file; give an existing file, or leave {flag} out to use "
+                            f"{default} when it exists")  # fmt: skip
+        return given
+    return default if Path(default).is_file() else None
 
+
+def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(args.verbose)
     try:
-        files = {"base": args.base} | ({"ahl": args.ahl} if Path(args.ahl).is_file() else {})
-        thresholds = args.thresholds if Path(args.thresholds).is_file() else None
-        scorer = Scorer.load(files["base"], files.get("ahl"), thresholds=thresholds)
+        ahl = optional_input(args.ahl, AHL, "--ahl")
+        thresholds = optional_input(args.thresholds, THRESHOLDS, "--thresholds")
+        files = {"base": args.base} | ({"ahl": ahl} if ahl else {}) | ({"thresholds": thresholds} if thresholds else {})
+        scorer = Scorer.load(args.base, ahl, thresholds=thresholds)
         path = export(scorer, args.out, fmt=args.format, model=args.model, checkpoints=files)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if ahl is None:
+        print(f"note: {AHL} does not exist: exported the base model alone", file=sys.stderr)
+    if thresholds is None:
+        print(f"note: {THRESHOLDS} does not exist: the export has no threshold (run `dvc repro calibrate`)",
+              file=sys.stderr)  # fmt: skip
     print(path)
 
 

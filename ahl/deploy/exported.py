@@ -3,7 +3,7 @@
     from ahl import load_exported
     run = load_exported("deploy")            # model.onnx, or model.xml + model.bin, and metadata.json
     out = run.score(images)                  # uint8 (N, S, S, 3) RGB at run.size, or image files
-    out["score"], out["head_scores"], out["anomaly_map"], run.decide(out["score"])
+    out["score"], out["head_scores"], out["anomaly_map"], run.decide(out["score"]), run.borderline(out["score"])
 
 The same interface as ``load_run`` (ahl/deploy/api.py), which scores with the training stack.
 """
@@ -20,18 +20,22 @@ import numpy as np
 from ahl.core.errors import UserError
 from ahl.core.provenance import sha256_file
 from ahl.deploy.files import as_images
+from ahl.evaluation.decision import borderline, checked_threshold, decide
 
 METADATA = "metadata.json"  # as ahl/deploy/export.py writes it
+FORMAT_VERSION = 2  # of metadata.json: 2 added the provenance, the calibration, the tolerance, outputs by name
 MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
-KEYS = ("format", "model", "image_size", "outputs", "head_names", "threshold", "files")
+OUTPUTS = ("score", "head_scores", "anomaly_map")  # the graph's outputs, read by these names
+KEYS = ("format_version", "format", "model", "image_size", "outputs", "head_names", "threshold", "decision",
+        "tolerance", "files")  # fmt: skip
 AGAIN = "export the run again with `ahl export`"
 
 
 @dataclass
 class ExportedRun:
-    """An export: its metadata and ``run``, the model on its runtime (uint8 images -> the outputs, in order)."""
+    """An export: its metadata and ``run``, the model on its runtime (uint8 images -> {output name: array})."""
 
-    run: Callable[[np.ndarray], list[np.ndarray]]
+    run: Callable[[np.ndarray], dict[str, np.ndarray]]
     metadata: dict
     folder: Path
 
@@ -50,11 +54,20 @@ class ExportedRun:
 
     @property
     def threshold(self) -> float | None:
-        return self.metadata["threshold"]
+        return checked_threshold(self.metadata["threshold"], f"{self.folder / METADATA}: threshold", AGAIN)
+
+    @property
+    def tolerance(self) -> float:
+        """The largest lab/line score difference this export allows for (its metadata's, measured at export)."""
+        return float(self.metadata["tolerance"])
 
     def decide(self, scores: np.ndarray) -> np.ndarray | None:
         """``score > threshold`` per image, as calibrate chose it; None when the run had no threshold."""
-        return None if self.threshold is None else np.asarray(scores) > self.threshold
+        return decide(scores, self.threshold)
+
+    def borderline(self, scores: np.ndarray) -> np.ndarray | None:
+        """Per image: its score lies within the export's tolerance of the threshold (None without one)."""
+        return borderline(scores, self.threshold, self.tolerance)
 
     def score(self, images: np.ndarray | Sequence[str | Path], batch_size: int = 32) -> dict[str, np.ndarray]:
         """{score (N,), head_scores (N, heads), anomaly_map (N, S, S)} of RGB images (N, S, S, 3) (uint8, or
@@ -65,7 +78,7 @@ class ExportedRun:
             n_heads = len(self.head_names)
             return {"score": np.zeros(0, np.float32), "head_scores": np.zeros((0, n_heads), np.float32),
                     "anomaly_map": np.zeros((0, self.size, self.size), np.float32)}  # fmt: skip
-        return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(self.metadata["outputs"])}
+        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUTS}
 
 
 def _metadata(folder: Path) -> dict:
@@ -78,7 +91,10 @@ def _metadata(folder: Path) -> dict:
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"{meta_file} is corrupt ({type(exc).__name__}: {exc}); {AGAIN}") from None
     if missing:
-        raise UserError(f"{meta_file} lacks {', '.join(missing)} (not written by `ahl export`?); {AGAIN}")
+        raise UserError(f"{meta_file} lacks {', '.join(missing)} (not written by `ahl export` of this version); {AGAIN}")
+    if metadata["format_version"] != FORMAT_VERSION or sorted(metadata["outputs"]) != sorted(OUTPUTS):
+        raise UserError(f"{meta_file}: an export of another version (format_version {metadata['format_version']!r}); "
+                        f"{AGAIN}")  # fmt: skip
     if metadata["format"] not in MODEL_FILES:
         raise UserError(f"{meta_file}: unknown format {metadata['format']!r}; {AGAIN}")
     return metadata
@@ -112,8 +128,7 @@ def _onnxruntime(files: list[Path], device: str, threads: int | None) -> tuple[C
         session = onnxruntime.InferenceSession(str(files[0]), options, providers=providers[device])
     except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
         raise UserError(f"{files[0]} cannot be loaded by onnxruntime ({' '.join(str(exc).split())[:200]})") from None
-    names = [o.name for o in session.get_outputs()]
-    return (lambda x: session.run(names, {"images": x})), session.get_inputs()[0].shape
+    return (lambda x: dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"images": x})))), session.get_inputs()[0].shape
 
 
 def _openvino(files: list[Path], device: str, threads: int | None) -> tuple[Callable, list]:
@@ -130,9 +145,9 @@ def _openvino(files: list[Path], device: str, threads: int | None) -> tuple[Call
     request = compiled.create_infer_request()
     shape = [d.get_length() if d.is_static else None for d in compiled.input(0).get_partial_shape()]
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        result = request.infer({0: x})
-        return [np.array(result[o]) for o in compiled.outputs]
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        result = request.infer({"images": x})
+        return {name: np.array(result[compiled.output(name)]) for name in OUTPUTS}
 
     return run, shape
 

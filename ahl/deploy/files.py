@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ahl import __version__
 from ahl.core.console import setup_logging
 from ahl.core.errors import UserError
 from ahl.core.io import atomic_path
 from ahl.core.spreadsheet import write_csv
 from ahl.data.mvtec import CORRUPT_FIX, IMAGE_SUFFIXES, MAX_PIXELS, load_image, to_8bit
+from ahl.evaluation.decision import borderline, decide
 from ahl.evaluation.overlay import overlay
 
 log = logging.getLogger("ahl.deploy")
@@ -131,16 +133,19 @@ def caption(model: str, score: float, threshold: float | None) -> str:
 
 
 def write_predictions(
-    out: str | Path, rows: list[dict], columns: list[str], model: str, threshold: float | None,
+    out: str | Path, rows: list[dict], columns: list[str], model: str, threshold: float | None, tolerance: float,
     errors: dict[Path, str], paths: list[Path], heatmaps: dict[Path, Path] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """predictions.csv: per readable file its ``rows`` (path + ``columns``) with the deciding ``model``'s score,
-    is_anomaly, threshold (and heatmap), the unreadable ones with their error, in the order of ``paths``; written
+    is_anomaly, threshold, borderline (the score within ``tolerance`` of the threshold: a lab/line difference
+    could flip the decision) and heatmap, the unreadable ones with their error, in the order of ``paths``; written
     atomically with spreadsheet-safe cells. A warning lists the skipped files; none readable is an error."""
     table = pd.DataFrame(rows, columns=["path", *columns])
     table.insert(1, "score", table[f"score_{model}"])
-    table.insert(2, "is_anomaly", (table["score"] > threshold) if threshold is not None else pd.NA)
+    table.insert(2, "is_anomaly", decide(table["score"].to_numpy(), threshold) if threshold is not None else pd.NA)
     table.insert(3, "threshold", threshold)
+    near = borderline(table["score"].to_numpy(), threshold, tolerance)
+    table.insert(4, "borderline", near if near is not None else pd.NA)
     if heatmaps is not None:
         table["heatmap"] = [str(heatmaps[Path(p)]) for p in table["path"]]
     skipped = pd.DataFrame({"path": [str(p) for p in errors], "error": list(errors.values())})
@@ -184,6 +189,7 @@ def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments `ahl predict` and `ahl infer` share: the inputs, --out, --heatmaps, --max-pixels,
     --batch-size, -v (the model's are each's own)."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", default="predictions.csv", help="the CSV written (default: predictions.csv)")
     p.add_argument("--heatmaps", metavar="DIR", help="write a PNG overlay per image into DIR")
@@ -210,4 +216,6 @@ def run_command(p: argparse.ArgumentParser, command: Callable, argv: list[str] |
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     decided = table["is_anomaly"].dropna()
-    print(f"{len(table)} files -> {args.out}: {int(decided.sum())} of {len(decided)} decided anomalous")
+    near = int(table["borderline"].dropna().astype(bool).sum())
+    print(f"{len(table)} files -> {args.out}: {int(decided.sum())} of {len(decided)} decided anomalous"
+          + (f", {near} borderline (within the export's tolerance of the threshold)" if near else ""))  # fmt: skip

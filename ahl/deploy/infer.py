@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ahl.core.errors import UserError
 from ahl.deploy.exported import ExportedRun, load_exported
 from ahl.deploy.files import (
     batches,
@@ -31,6 +30,7 @@ from ahl.deploy.files import (
     write_heatmap,
     write_predictions,
 )
+from ahl.evaluation.decision import checked_threshold
 
 log = logging.getLogger("ahl.deploy.infer")
 
@@ -59,9 +59,8 @@ def infer(args: argparse.Namespace):
     paths = resolve_inputs(args.inputs)
     check_outputs(args.inputs, paths, Path(args.out), Path(args.heatmaps) if args.heatmaps else None)
     run = load_exported(args.export, args.device)
-    if args.threshold is not None and not np.isfinite(args.threshold):
-        raise UserError(f"--threshold {args.threshold} is not a finite number; give a score, e.g. --threshold 1.5")
-    threshold = args.threshold if args.threshold is not None else run.threshold
+    given = checked_threshold(args.threshold, "--threshold", "give a score, e.g. --threshold 1.5")
+    threshold = given if given is not None else run.threshold
     if threshold is None:
         log.warning("the export has no threshold (the run had no validation slice): is_anomaly is left empty")
     log.info("%d images, %s (%s), threshold %s", len(paths), run.metadata.get("model_name"), run.folder, threshold)
@@ -71,7 +70,7 @@ def infer(args: argparse.Namespace):
         path = Path(row["path"])
         write_heatmap(names[path], path, resized(maps[path]), caption(run.model, row[f"score_{run.model}"], threshold))
     columns = [f"score_{run.model}", *(f"{run.model}_{h}" for h in run.head_names)]
-    return write_predictions(args.out, rows, columns, run.model, threshold, errors, paths, names)
+    return write_predictions(args.out, rows, columns, run.model, threshold, run.tolerance, errors, paths, names)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -35,6 +34,7 @@ from ahl.deploy.files import (
     write_heatmap,
     write_predictions,
 )
+from ahl.evaluation.decision import TOLERANCE, checked_threshold
 from ahl.evaluation.localize import upsample
 from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
 
@@ -45,9 +45,7 @@ def choose_threshold(scorer: Scorer, model: str, threshold: float | None, source
     """The decision threshold of ``model`` (base or ahl) and where it came from: --threshold, else the run's
     thresholds file (read by the scorer through its provenance check), else none (is_anomaly left empty)."""
     if threshold is not None:
-        if not np.isfinite(threshold):
-            raise UserError(f"--threshold {threshold} is not a finite number; give a score, e.g. --threshold 1.5")
-        return threshold, "--threshold"
+        return checked_threshold(threshold, "--threshold", "give a score, e.g. --threshold 1.5"), "--threshold"
     if not scorer.thresholds:
         return None, f"none ({source} not found)"
     if model not in scorer.thresholds:
@@ -108,7 +106,7 @@ def predict(args: argparse.Namespace) -> pd.DataFrame:
     for path, m in tqdm(maps.items() if names else (), desc="heatmaps", disable=not show_progress()):
         at = caption(model, scores[str(path)], threshold)
         write_heatmap(names[path], path, lambda size, m=m: upsample(m, size)[0].numpy(), at)
-    return write_predictions(args.out, rows, scorer.columns(), model, threshold, errors, paths, names)
+    return write_predictions(args.out, rows, scorer.columns(), model, threshold, TOLERANCE, errors, paths, names)
 
 
 def parser() -> argparse.ArgumentParser:

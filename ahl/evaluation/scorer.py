@@ -1,13 +1,16 @@
 """The one way a trained run scores: ``Scorer`` holds models/base.pt, models/ahl.pt when present, the thresholds and
 the runtime, loaded once, and scores images in one backbone pass or cached features in none.
 
-calibrate, evaluate and ``ahl predict`` all score through it, so a test image gets the same score, head scores and
-heatmap from each of them under every runtime (float32 or bfloat16 autocast, channels_last or not):
+calibrate, evaluate, ``ahl predict`` and the Python API all score through it, so a test image gets the same score,
+head scores and heatmap from each of them under every runtime (float32 or bfloat16 autocast, channels_last or not).
+The backbone runs once per image and scale; each model's heads then run through ``score_heads``
+(ahl/method/forward.py), which the export and train_ahl use too:
 
 - the base model's heads run on the backbone's features of the images, under the runtime's autocast;
-- AHL's heads run on the same features rounded to the feature cache's dtype (``as_cached``, as the features stage
-  stores them), or on the cached features themselves, under the same autocast;
-- every head's spatial map of the full-size scale comes from the same forward pass (``patch_maps``).
+- AHL's heads run on the same features rounded to the feature cache's dtype (as the features stage stores them),
+  or on the cached features themselves, under the same autocast;
+- each model's heads run twice per batch: once for the per-head scores, once more for the spatial heads' maps of
+  the full-size scale (``patch_maps``).
 
 Each file it reads is checked against the files it was made from (``ahl.core.provenance``): a base model against
 the split, AHL's heads against the base model (and the feature cache), the thresholds against both.
@@ -26,10 +29,11 @@ import torch
 from ahl.core import provenance
 from ahl.core.errors import UserError
 from ahl.core.runtime import Runtime, plain
-from ahl.evaluation.localize import patch_maps, upsample
+from ahl.evaluation.decision import checked_threshold
+from ahl.evaluation.localize import upsample
 from ahl.evaluation.threshold import load_thresholds
-from ahl.method.cache import FeatureSet, as_cached
-from ahl.method.forward import forward
+from ahl.method.cache import FeatureSet
+from ahl.method.forward import score_heads
 from ahl.models.backbones import to_input
 from ahl.models.base import Checkpoint, load_checkpoint, load_heads
 from ahl.models.heads import ScoringHeads
@@ -65,13 +69,6 @@ class Scores:
             for i in range(0, n, batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, *size), np.float32)
-
-    def rows(self, index: Sequence[int] | slice) -> Scores:
-        """The scores of the images at ``index``."""
-        return Scores(
-            {k: v[index] for k, v in self.final.items()}, {k: v[index] for k, v in self.heads.items()},
-            {k: [m[index] for m in v] for k, v in self.maps.items()}, dict(self.head_names),
-        )  # fmt: skip
 
     def update(self, other: Scores) -> Scores:
         """These scores with ``other``'s models added (the same images)."""
@@ -164,10 +161,8 @@ class Scorer:
         entry = self.thresholds.get(model)
         if entry is None:
             return None
-        value = entry.get("threshold") if isinstance(entry, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise UserError(f"thresholds: {model}.threshold = {value!r} is not a number; rerun `{CALIBRATE}`")
-        return float(value)
+        value = entry.get("threshold") if isinstance(entry, dict) else "(no entry)"
+        return checked_threshold(value, f"thresholds: {model}.threshold", f"rerun `{CALIBRATE}`")
 
     def columns(self) -> list[str]:
         """The names of ``Scores.columns()`` for this run: each model's score, then each model's heads."""
@@ -179,16 +174,15 @@ class Scorer:
         return self.base.model.heads if model == "base" else self.ahl
 
     def _score(self, model: str, features: list[torch.Tensor], normal_mean, out: Scores) -> None:
-        """Model ``model``'s heads on one batch of features (under the runtime's autocast) into ``out``."""
+        """Model ``model``'s heads on one batch of features into ``out``: ``score_heads`` (ahl/method/forward.py),
+        the one scoring the export and train_ahl use too, under the runtime's autocast; AHL's heads on features
+        rounded to the feature cache's dtype."""
         heads = self._heads(model)
-        mean = normal_mean if heads.uses_normal_mean else None
-        weights = {n: p.detach() for n, p in heads.named_parameters()}
-        with self.runtime.autocast():
-            per_head = forward(heads, weights, dict(heads.named_buffers()), features, mean).float()
-            maps = patch_maps(heads, features, mean)
-        out.final[model] = heads.final_score(per_head).cpu().numpy()
-        out.heads[model] = per_head.cpu().numpy()
-        out.maps[model] = [m.float().cpu().numpy() for m in maps]
+        dtype = self.feature_dtype if model == "ahl" else None
+        scored = score_heads(heads, features, normal_mean, feature_dtype=dtype, autocast=self.runtime.autocast)
+        out.final[model] = scored.final.cpu().numpy()
+        out.heads[model] = scored.per_head.cpu().numpy()
+        out.maps[model] = [m.cpu().numpy() for m in scored.maps]
         out.head_names[model] = tuple(heads.head_names)
 
     @torch.no_grad()
@@ -203,8 +197,7 @@ class Scorer:
                 features = self.base.model.features(x)
             out = Scores()
             for model in models:
-                f = as_cached([f.float() for f in features], self.feature_dtype) if model == "ahl" else features
-                self._score(model, f, self.base.normal_mean, out)
+                self._score(model, features, self.base.normal_mean, out)
             parts.append(out)
         return _concat(parts)
 
@@ -229,19 +222,3 @@ def _shown(path: str | Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def load_run(
-    path: str | Path = ".", *, model: str = "auto", runtime: Runtime | None = None, thresholds: bool = True
-) -> Scorer:
-    """The trained run of the project at ``path``: its models/base.pt, models/ahl.pt (``model``: auto = when it
-    exists, ahl = required, base = not loaded) and models/thresholds.json when it exists."""
-    if model not in ("auto", "ahl", "base"):
-        raise UserError(f"model must be auto, ahl or base, got {model!r}")
-    root = Path(path)
-    ahl = root / AHL
-    if model == "ahl" and not ahl.is_file():
-        raise UserError(f"{ahl} is missing; train AHL first (`dvc repro train_ahl`) or use model='base'")
-    use_ahl = model == "ahl" or (model == "auto" and ahl.is_file())
-    chosen = root / THRESHOLDS if thresholds and (root / THRESHOLDS).is_file() else None
-    return Scorer.load(root / BASE, ahl if use_ahl else None, thresholds=chosen, runtime=runtime)

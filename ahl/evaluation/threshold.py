@@ -5,8 +5,9 @@ The decision is ``score > threshold``. Rule ``fpr``: with N validation normals, 
 of them may score above the threshold, so the threshold is the (k+1)-th highest normal score; normals tied with it
 are not flagged, so ties can only lower the false-positive rate. Rule ``f1``: the threshold that maximises F1 on
 the validation normals and the spare anomalies (held out of training and testing); ties go to the highest one.
-models/thresholds.json holds ``{"base": {...}, "ahl": {...}, "inputs": {...}}``, each model's entry with
-``threshold``, ``rule``, ``target_fpr``, ``decision`` and ``validation`` (counts and the rates achieved there).
+models/thresholds.json holds ``{"base": {...}, "ahl": {...}, "runtime": {...}, "inputs": {...}}``, each model's
+entry with ``threshold``, ``rule``, ``target_fpr``, ``decision``, ``validation`` (counts and the rates achieved
+there) and ``firmness`` (whether it sits on the highest normal's score, the gaps to the nearest scores).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from ahl.core import provenance
 from ahl.core.config import at_least, run_bounds
 from ahl.core.errors import UserError
 from ahl.core.io import read_json
+from ahl.evaluation.decision import DECISION
 
 RULES = ("fpr", "f1")
-DECISION = "score > threshold"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,20 @@ def choose(config: ThresholdConfig, normal: np.ndarray, anomaly: np.ndarray, wha
     validation = at_threshold(labels, np.r_[normal, anomaly], threshold)
     validation.update(normal=len(normal), anomaly=len(anomaly))
     return {"threshold": threshold, "rule": config.rule, "target_fpr": config.target_fpr, "decision": DECISION,
-            "validation": validation}  # fmt: skip
+            "validation": validation, "firmness": firmness(config, normal, anomaly, threshold)}  # fmt: skip
+
+
+def firmness(config: ThresholdConfig, normal: np.ndarray, anomaly: np.ndarray, threshold: float) -> dict:
+    """How firm a threshold is: ``on_highest_normal`` when rule fpr allows no normal above it (N * target_fpr
+    < 1: the threshold is then the highest validation normal's own score, and any drift of that image's score
+    flips its decision), and the gaps to the nearest validation score below and above it (None: none there)."""
+    scores = np.r_[normal, anomaly].astype(np.float64)
+    below, above = scores[scores < threshold], scores[scores > threshold]
+    return {
+        "on_highest_normal": config.rule == "fpr" and math.floor(config.target_fpr * len(normal) + 1e-9) == 0,
+        "gap_below": float(threshold - below.max()) if len(below) else None,
+        "gap_above": float(above.min() - threshold) if len(above) else None,
+    }
 
 
 def made_from(split: Path, base: Path, ahl: Path) -> dict[str, Path]:

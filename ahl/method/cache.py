@@ -144,10 +144,33 @@ class CacheConfig:
             raise UserError(f"params.yaml: features.dtype must be float16 or float32, got {self.dtype!r}")
 
 
-def as_cached(features: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
-    """Features as AHL's heads see them from the cache: rounded to the cache's dtype (as ``_extract`` stores them)
-    and read back as float32 (as ``ahl.method.forward.score_features`` loads them), on the same device."""
-    return [torch.from_numpy(f.cpu().numpy().astype(dtype).astype(np.float32)).to(f.device) for f in features]
+def round_to_float16(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to the nearest float16 value (ties to even), as float32: numpy's
+    ``astype(float16).astype(float32)`` bit for bit, subnormals, overflow to +-inf and nan included.
+
+    Computed in arithmetic that every runtime keeps (OpenVINO folds a float32 -> float16 -> float32 cast pair
+    away): the float16 spacing ``ulp`` of |x| found by a binary search over its binade (powers of two only, so
+    every product is exact), then ``round(x / ulp) * ulp`` with round-half-to-even (torch.round, ONNX Round)."""
+    x = x.float()
+    m = torch.clamp(x.abs(), min=2.0**-14) * 2.0**14  # >= 1: float16's subnormals share the spacing of 2**-14
+    ulp, inv = torch.full_like(x, 2.0**-24), torch.full_like(x, 2.0**24)
+    for bits in (16, 8, 4, 2, 1):  # m = 2**e' * f, f in [1, 2): ulp = 2**(e' - 24), e' = sum of the bits taken
+        big = m >= 2.0**bits
+        m = torch.where(big, m * 2.0**-bits, m)
+        ulp = torch.where(big, ulp * 2.0**bits, ulp)
+        inv = torch.where(big, inv * 2.0**-bits, inv)
+    rounded = torch.round(x * inv) * ulp
+    return torch.where(rounded.abs() > 65504.0, x.sign() * float("inf"), rounded)  # float16's largest finite value
+
+
+def as_cached(features: list[torch.Tensor], dtype: str | None) -> list[torch.Tensor]:
+    """Features as AHL's heads see them from the cache: rounded to the cache's ``dtype`` (as ``_extract`` stores
+    them with numpy) and kept as float32 on the same device; ``dtype`` float32 or None: unchanged."""
+    if dtype in (None, "float32"):
+        return [f.float() for f in features]
+    if dtype != "float16":
+        raise UserError(f"feature dtype {dtype!r}: the cache stores float16 or float32")
+    return [round_to_float16(f) for f in features]
 
 
 def _open_array(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:

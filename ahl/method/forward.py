@@ -1,8 +1,10 @@
 """Heads run with any weights: the functional forward pass AHL's training adapts (theta_g, a task's phi_i), and
-the final scores of cached features under such weights (eval mode, no gradient).
+``score_heads``, the one way features become (final score, per-head scores, anomaly maps).
 
-Images are scored by ahl/evaluation/scorer.py alone; it runs the heads through ``forward`` too, so a score seen
-during AHL's training is the score evaluation reports.
+``score_heads`` owns the feature rounding (AHL's heads see features rounded to the cache's dtype) and is what
+scores heads everywhere: the scorer (calibrate, evaluate, ``ahl predict``, the Python API), train_ahl's per-epoch
+and psi-pool scores (``final_scores``) and the exported graph (ahl/deploy/export.py), so the lab, the training
+curves and the line compute one thing.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
 from ahl.core.runtime import Runtime, plain
-from ahl.method.cache import FeatureSet
+from ahl.method.cache import FeatureSet, as_cached
 from ahl.models.heads import ScoringHeads
 
 Weights = dict[str, torch.Tensor]  # a set of heads' parameters (or buffers) by name
@@ -29,6 +32,43 @@ def forward(heads: ScoringHeads, params: Weights, buffers: Weights, features, no
     return functional_call(heads, (params, buffers), args)
 
 
+@dataclass
+class HeadScores:
+    """What heads make of one batch of features."""
+
+    final: torch.Tensor  # (B,) the final anomaly score
+    per_head: torch.Tensor  # (B, n_heads) every head's score
+    maps: list[torch.Tensor]  # every spatial head's map of the full-size scale (B, h, w), at feature resolution
+
+
+def score_heads(
+    heads: ScoringHeads,
+    features: Sequence[torch.Tensor],
+    normal_mean,
+    *,
+    feature_dtype: str | None = None,
+    params: Weights | None = None,
+    buffers: Weights | None = None,
+    maps: bool = True,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> HeadScores:
+    """Features per scale (B, C, H_s, W_s) -> final score, per-head scores and (``maps``) the spatial heads' maps.
+
+    ``feature_dtype``: round the features to the feature cache's dtype first (AHL's heads trained on the cache;
+    a no-op on features read from it); ``params``/``buffers``: other weights than the heads' own (a task's
+    phi_i; maps need the heads' own); ``autocast``: Runtime.autocast for bfloat16 forward passes."""
+    if maps and params is not None:
+        raise ValueError("score_heads: maps are drawn with the heads' own weights; pass maps=False with params")
+    features = as_cached(features, feature_dtype)
+    mean = normal_mean if heads.uses_normal_mean else None
+    params = params if params is not None else {n: p.detach() for n, p in heads.named_parameters()}
+    buffers = buffers if buffers is not None else dict(heads.named_buffers())
+    with autocast():
+        per_head = forward(heads, params, buffers, features, mean).float()
+        spatial = heads.patch_maps(features[0], mean[0] if mean is not None else None) if maps else []
+    return HeadScores(heads.final_score(per_head), per_head, [m.float() for m in spatial])
+
+
 @torch.no_grad()
 def final_scores(
     heads: ScoringHeads,
@@ -38,18 +78,16 @@ def final_scores(
     normal_mean,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> np.ndarray:
-    """Final scores (N,) in eval mode of ``heads`` with weights ``params`` on an iterable of feature lists;
-    ``autocast`` is Runtime.autocast for bfloat16 forward passes."""
+    """Final scores (N,) in eval mode of ``heads`` with weights ``params`` on an iterable of feature lists (cached
+    features); ``autocast`` is Runtime.autocast for bfloat16 forward passes."""
     was_training = heads.training
     heads.eval()
 
     def score(f):
-        with autocast():
-            per_head = forward(heads, params, buffers, f, normal_mean)
-        return heads.final_score(per_head.float()).cpu()
+        return score_heads(heads, f, normal_mean, params=params, buffers=buffers, maps=False, autocast=autocast)
 
     try:
-        out = [score(f) for f in chunks]
+        out = [score(f).final.cpu() for f in chunks]
     finally:
         heads.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)

@@ -7,6 +7,7 @@ the module, so training, feature caching and scoring can never disagree about it
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -50,24 +51,36 @@ RESIZE = ("bilinear", "nearest")
 def multiscale(
     backbone: nn.Module, images: torch.Tensor, n_scales: int, resize: str = "bilinear"
 ) -> list[torch.Tensor]:
-    """Features of the image at full size and at 1/2, 1/4 ... (the papers use 2 scales: 448 and 224).
+    """Features of the image at full size and at 1/2, 1/4 ... (the papers use 2 scales: 448 and 224), each smaller
+    image made by ``downscale``: training, scoring and the exported graph resize alike."""
+    return [backbone(downscale(images, 2**s, resize)) for s in range(n_scales)]
 
-    ``resize``: how the smaller images are made. ``bilinear`` averages with antialiasing; ``nearest`` keeps
-    every 2**s-th pixel, as the official DRA and DevNet code (``F.interpolate``'s default mode) does.
-    """
+
+def downscale(images: torch.Tensor, factor: int, resize: str = "bilinear") -> torch.Tensor:
+    """``images`` (B, C, S, S) at S / ``factor``, in ops every runtime computes alike (the one resize of
+    training, scoring and export).
+
+    ``bilinear``: antialiased bilinear (what torch's ``interpolate(antialias=True)`` computes, to float rounding)
+    as a depthwise convolution with the triangle filter of width 2 x factor, renormalised at the borders (OpenVINO's
+    own antialiased resize gives other values); ``nearest``: every factor-th pixel, as the official DRA and DevNet
+    code (``interpolate``'s default mode) keeps them."""
     if resize not in RESIZE:
         raise ValueError(f"resize must be one of {RESIZE}, not {resize!r}")
-    feats = []
-    for s in range(n_scales):
-        x = images
-        if s > 0:
-            size = images.shape[-1] // (2**s)
-            if resize == "nearest":
-                x = F.interpolate(images, size=(size, size), mode="nearest")
-            else:
-                x = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        feats.append(backbone(x))
-    return feats
+    if factor == 1:
+        return images
+    size = images.shape[-1]
+    if size % factor or images.shape[-2] % factor:
+        raise UserError(
+            f"images of {images.shape[-2]} x {size} px cannot be made {factor} times smaller exactly; use an image "
+            f"size that is a multiple of {factor} (backbone.image_size, 2 ** (n_scales - 1))"
+        )
+    if resize == "nearest":
+        return images[..., ::factor, ::factor]
+    taps = torch.arange(2 * factor, dtype=images.dtype, device=images.device)
+    weights = 1 - (taps + 0.5 - factor).abs() / factor
+    kernel = (weights[:, None] * weights[None, :]).expand(images.shape[1], 1, -1, -1).contiguous()
+    conv = functools.partial(F.conv2d, stride=factor, padding=factor // 2, groups=images.shape[1])
+    return conv(images, kernel) / conv(torch.ones_like(images[:1]), kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ class BackboneConfig:
         one_of("backbone.resize", self.resize, RESIZE)
         if self.n_scales < 1 or self.image_size // 2 ** (self.n_scales - 1) < 32:
             raise UserError(f"params.yaml: backbone.n_scales={self.n_scales} is too many for {self.image_size} px")
+        if self.image_size % 2 ** (self.n_scales - 1):
+            raise UserError(
+                f"params.yaml: backbone.image_size = {self.image_size} is not a multiple of {2 ** (self.n_scales - 1)}"
+                f" (2 ** (n_scales - 1)): each scale must be an exact resize; e.g. "
+                f"{self.image_size // 2 ** (self.n_scales - 1) * 2 ** (self.n_scales - 1)}"
+            )
 
 
 class AnomalyModel(nn.Module):
