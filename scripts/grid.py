@@ -5,6 +5,7 @@ remotes; resubmission runs only the cells no remote holds yet.
     python scripts/grid.py submit grid.yaml --print  # write the batch script and cells.json, submit nothing
     python scripts/grid.py status grid.yaml          # done / queued / running / failed / missing, per cell
     python scripts/grid.py cell CELLS.json INDEX     # run one cell (what each array task runs; any scheduler)
+    python scripts/grid.py queue grid.yaml           # no scheduler: the cells into this clone's DVC queue
 
 grid.yaml (``-S key=a,b`` on the command line adds or replaces a list, as `dvc exp run -S` reads it):
 
@@ -14,6 +15,9 @@ grid.yaml (``-S key=a,b`` on the command line adds or replaces a list, as `dvc e
       seed: [0, 1, 2]
       protocol.n_anomalies: [10, 1]
       base.model: [dra, devnet]
+      budget:                         # not a param: named sets of params, a cell takes one whole
+        - {name: short}
+        - {name: long, base.epochs: 30, base.steps_per_epoch: 20}
     set: {}                           # params every cell sets (dotted keys)
     remote: origin                    # the shared git remote; the DVC remote is .dvc/config's default
     slurm: {partition: gpu, gpus: 1, cpus_per_task: 8, mem: 32G, time: "08:00:00", max_parallel: 16,
@@ -143,6 +147,33 @@ def status(args) -> int:
     return 0 if all(s == "done" for s, _ in states.values()) else 1
 
 
+def queue(args) -> int:
+    """The cells into the local DVC queue (``dvc exp run --queue``), skipping those queued, running or done (an
+    experiment of that name on any commit): run it again after an interruption and only the rest is queued."""
+    repo = Path(args.repo).resolve()
+    grid = load_grid(Path(args.grid), args.set or [])
+    check_keys_exist(grid, yaml.safe_load((repo / "params.yaml").read_text()), Path(args.grid))
+    dvc = [sys.executable, "-m", "dvc"]
+    listed = subprocess.run([*dvc, "exp", "list", "--all-commits", "--name-only"], cwd=repo, capture_output=True,
+                            text=True)  # fmt: skip
+    queued = subprocess.run([*dvc, "queue", "status"], cwd=repo, capture_output=True, text=True)
+    if listed.returncode or queued.returncode:
+        raise UserError(f"dvc cannot list the experiments here: {(listed.stderr or queued.stderr).strip()}")
+    done = set(listed.stdout.split())
+    waiting = {line.split()[1] for line in queued.stdout.splitlines()
+               if len(line.split()) >= 4 and line.split()[-1] in ("Queued", "Running")}  # fmt: skip
+    todo = [c for c in expand(grid) if c["name"] not in done | waiting]
+    for cell in todo:
+        step = [*dvc, "exp", "run", "--queue", "-n", cell["name"], *set_args(cell["params"])]
+        found = subprocess.run(step, cwd=repo, capture_output=True, text=True)
+        if found.returncode:
+            raise UserError(f"{shlex.join(step[2:])} failed: {found.stderr.strip()}")
+        print(f"queued {cell['name']}")
+    skipped = len(expand(grid)) - len(todo)
+    print(f"{len(todo)} cell(s) queued, {skipped} already done, queued or running; run them with: dvc queue start")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # cell: one task, under any scheduler
 
@@ -206,7 +237,7 @@ def run_cell(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, func in (("submit", submit), ("status", status)):
+    for name, func in (("submit", submit), ("status", status), ("queue", queue)):
         sub = commands.add_parser(name, help=f"{name} a grid")
         sub.add_argument("grid", help="the grid's YAML file")
         sub.add_argument("-S", "--set", action="append", help="key=a,b: a list of values (adds or replaces)")

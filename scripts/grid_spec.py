@@ -51,6 +51,10 @@ def load_grid(path: Path, overrides: list[str]) -> dict:
     for key, values in grid["grid"].items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: grid.{key} = {values!r} must be a non-empty list")
+        bundles = [v for v in values if isinstance(v, dict)]
+        if bundles and (len(bundles) < len(values) or any(not NAME.match(str(b.get("name", ""))) for b in bundles)):
+            raise UserError(f"{path}: grid.{key}: a list of named sets of params gives every item a name "
+                            "(letters, digits, . _ -), e.g. - {name: long, base.epochs: 30}")  # fmt: skip
     if not isinstance(grid.setdefault("set", {}), dict):
         raise UserError(f"{path}: set must map params to values")
     slurm = grid.setdefault("slurm", {})
@@ -65,7 +69,7 @@ def load_grid(path: Path, overrides: list[str]) -> dict:
 def check_keys_exist(grid: dict, params: dict, path: Path) -> None:
     """Every dotted key of the grid is a param of params.yaml: a typo is caught before anything is queued (the
     values are checked by the stages, as in any `dvc exp run`)."""
-    for key in [*grid["grid"], *grid["set"]]:
+    for key in [*(k for k, v in grid["grid"].items() if not is_bundle(v)), *grid["set"], *bundle_keys(grid)]:
         node = params
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -73,10 +77,24 @@ def check_keys_exist(grid: dict, params: dict, path: Path) -> None:
             node = node[part]
 
 
+def is_bundle(values: list) -> bool:
+    """A grid key whose values are named sets of params (``budget: [{name: long, base.epochs: 30}, ...]``), not
+    the values of one param: each cell takes one set whole (a rung of a ladder, a preset)."""
+    return bool(values) and isinstance(values[0], dict)
+
+
+def bundle_keys(grid: dict) -> list[str]:
+    return sorted({k for values in grid["grid"].values() if is_bundle(values) for v in values for k in v} - {"name"})
+
+
 def cell_name(prefix: str, values: dict) -> str:
-    """table1-carpet-seed0-n_anomalies10-dra: a string value as itself, a number after its param's last name."""
+    """table1-carpet-seed0-n_anomalies10-dra: a string value as itself, a number after its param's last name, a
+    named set of params by its name."""
     parts = []
     for key, value in values.items():
+        if isinstance(value, dict):
+            parts.append(value["name"])
+            continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         parts.append(text if isinstance(value, str) else f"{key.rsplit('.', 1)[-1]}{text}")
     name = "-".join([prefix, *parts])
@@ -93,7 +111,10 @@ def expand(grid: dict) -> list[dict]:
         if name in seen:
             raise UserError(f"grid: two cells are both named {name}; make the values distinct")
         seen.add(name)
-        cells.append({"name": name, "params": {**grid["set"], **values}})
+        params = dict(grid["set"])
+        for key, value in values.items():
+            params.update({k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else {key: value})
+        cells.append({"name": name, "params": params})
     return cells
 
 

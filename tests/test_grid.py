@@ -109,3 +109,36 @@ def test_the_batch_script_is_self_contained_bash(lab):
     assert payload["commit"] == lab.git("rev-parse", "HEAD").strip()
     status = _grid(lab, "status", "grid.yaml")
     assert status.returncode == 1 and "t-seed0  missing" in status.stdout, status.stdout
+
+
+def test_named_sets_of_params_are_cells_whole(tmp_path):
+    """A grid key whose values are named sets of params (a ladder's rungs): each cell takes one set whole, named
+    by it; its params are checked against params.yaml like any other."""
+    path = write(tmp_path, "name: ladder\nset: {classname: elpv}\ngrid:\n  budget:\n"
+                           "    - {name: a-dra, base.model: dra}\n"
+                           "    - {name: b-dra, base.model: dra, base.epochs: 30}\n  seed: [0, 1]\n")  # fmt: skip
+    grid = G.load_grid(path, [])
+    cells = G.expand(grid)
+    assert [c["name"] for c in cells] == ["ladder-a-dra-seed0", "ladder-a-dra-seed1", "ladder-b-dra-seed0",
+                                          "ladder-b-dra-seed1"]  # fmt: skip
+    assert cells[2]["params"] == {"classname": "elpv", "base.model": "dra", "base.epochs": 30, "seed": 0}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    G.check_keys_exist(grid, params, path)
+    grid["grid"]["budget"].append({"name": "c", "base.epoch": 3})
+    with pytest.raises(UserError, match="base.epoch is not a param of params.yaml"):
+        G.check_keys_exist(grid, params, path)
+    with pytest.raises(UserError, match="gives every item a name"):
+        G.load_grid(write(tmp_path, "name: t\ngrid:\n  budget: [{base.epochs: 3}]\n"), [])
+    ladder = G.load_grid(ROOT / "grids/elpv_ladder.yaml", [])  # the committed ladder: 6 rungs x 3 seeds
+    G.check_keys_exist(ladder, params, ROOT / "grids/elpv_ladder.yaml")
+    assert len(G.expand(ladder)) == 18
+
+
+def test_queue_puts_the_cells_into_dvcs_queue_once(lab):
+    """`grid.py queue`: every cell into the local DVC queue; queued again, nothing is added (resumable)."""
+    out = _grid(lab, "queue", "grid.yaml")
+    assert out.returncode == 0 and "2 cell(s) queued" in out.stdout, out.stderr
+    listed = lab.dvc("queue", "status").stdout
+    assert "t-seed0" in listed and "t-seed1" in listed and listed.count("Queued") == 2
+    again = _grid(lab, "queue", "grid.yaml", "-S", "seed=0,1,2")
+    assert again.returncode == 0 and "1 cell(s) queued, 2 already done, queued or running" in again.stdout
