@@ -32,7 +32,7 @@ def test_cache_shapes_dtypes_and_scoring_features(small_dataset, model, tmp_path
     assert sorted(cache.pseudo) == ["cutmix", "cutpaste", "draem"]
     for fs, n in [(cache.train_normal, 6), (cache.train_anomaly, 2), (cache.test, 6), *[(p, 6) for p in cache.pseudo.values()]]:
         assert [x.shape for x in fs.scales] == [(n, 320, 2, 2), (n, 320, 1, 1)]
-        assert all(x.dtype == np.float16 and isinstance(x, np.memmap) for x in fs.scales)
+        assert all(x.dtype == np.float32 and isinstance(x, np.memmap) for x in fs.scales)
     assert cache.pseudo["draem"].labels.tolist() == [2] * 6 and cache.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert cache.test.classes[-1] == "crack" and cache.train_anomaly.files == splits["train_anomaly"][3]
     # cached features = the features the model computes when scoring (eval mode, normalisation inside)

@@ -324,3 +324,18 @@ def test_a_batch_larger_than_the_training_images_is_refused():
         "params.yaml: base.batch_size = 11 is more than the 10 training images (8 normals, 2 seen anomalies); "
         "set it to at most 10 (the papers: 48)"
     )
+
+
+@pytest.mark.parametrize("size, factor", [(64, 2), (64, 4), (192, 2), (192, 4)])
+def test_downscale_is_torchs_antialiased_bilinear_resize_and_nearest(size, factor):
+    """The one resize of training, scoring and export (ahl/models/backbones.py: downscale): torch's
+    interpolate(antialias=True) to float rounding, and interpolate's nearest exactly."""
+    import torch.nn.functional as F
+
+    from ahl.models.backbones import downscale
+
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size + factor))
+    small = size // factor
+    want = F.interpolate(x, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+    assert (downscale(x, factor) - want).abs().max() < 1e-6
+    assert torch.equal(downscale(x, factor, "nearest"), F.interpolate(x, size=(small, small), mode="nearest"))

@@ -182,6 +182,30 @@ def test_other_subset_reuses_the_download_and_metrics_diff_shows_it(repo):
     assert "| brick | general | 2 |" in table and "| grass | general | 2 |" in table and "AHL(DRA)" in table
 
 
+def test_the_table_pairs_ahl_with_its_base_model_per_seed(repo, tmp_path):
+    """Two seeds of the tiny run (the committed one and an experiment): scripts/table.py's paired column is AHL -
+    base of the same run per seed, as computed here from each run's metrics."""
+    # the workspace holds what earlier tests set (classname=grass, ahl.weighting=uniform): the commit's params again
+    repo.dvc("exp", "run", "-n", "seed1", "-S", "seed=1", "-S", "classname=brick", "-S", "ahl.weighting=psi")
+    per_seed = {}
+    for commit in json.loads(repo.dvc("exp", "show", "--json").stdout):
+        for rev in [commit, *(r for e in commit.get("experiments") or [] for r in e.get("revs") or [])]:
+            data = rev.get("data") or {}
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            metrics = ((data.get("metrics") or {}).get("results/metrics.json") or {}).get("data") or {}
+            if params.get("classname") == "brick" and params["ahl"]["weighting"] == "psi" and "ahl" in metrics:
+                per_seed.setdefault(params["seed"], metrics["ahl"]["auc_roc"] - metrics["base"]["auc_roc"])
+    assert sorted(per_seed) == [0, 1]
+    out = tmp_path / "table.csv"
+    repo.run(sys.executable, "scripts/table.py", "--csv", str(out))
+    table = pd.read_csv(out)
+    row = table[(table["model"] == "AHL(DRA)") & (table["classname"] == "brick") & (table["ahl.weighting"] == "psi")
+                & (table["seeds"] == "[0, 1]")].iloc[0]  # fmt: skip
+    edges = list(per_seed.values())
+    assert row["edge_mean"] == pytest.approx(np.mean(edges)) and row["edge_std"] == pytest.approx(np.std(edges))
+    assert row["edge_wins"] == sum(e > 0 for e in edges) and row["edge_count"] == 2
+
+
 def test_bad_classname_is_one_line_and_leaves_nothing(repo):
     res = repo.dvc("exp", "run", "-S", "classname=nope", check=False)
     assert res.returncode != 0

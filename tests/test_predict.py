@@ -75,9 +75,19 @@ def run_dir(small_dataset, tmp_path_factory) -> Path:
         name: (load_images(subset.root, files, SIZE), [0] * len(files), ["good"] * len(files), list(files))
         for name, files in (("train_normal", subset.train_good), ("train_anomaly", test[-2:]), ("test", test))
     }
-    config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=7, pseudo_rotation=0.0)  # not predict's 32
+    # not predict's batch of 32; a float16 cache, as ahl_meta says, so that predict's rounding of fresh features is
+    # what the cache holds (the float16 path; the default cache is float32)
+    config = CacheConfig(families=("cutpaste", "cutmix"), batch_size=7, pseudo_rotation=0.0, dtype="float16")
     write_cache(out / "cache", model, normal_mean, splits, config, seed=0, device="cpu")
     return out
+
+
+@pytest.fixture(autouse=True)
+def _in_the_run(request, monkeypatch):
+    """Tests of a run work in its folder: predict's default paths (models/thresholds.json) are the run's, never
+    the checkout's."""
+    if "run_dir" in request.fixturenames:
+        monkeypatch.chdir(request.getfixturevalue("run_dir"))
 
 
 def args(run_dir: Path, *inputs, **options) -> argparse.Namespace:
@@ -87,7 +97,9 @@ def args(run_dir: Path, *inputs, **options) -> argparse.Namespace:
         "--ahl",
         str(run_dir / "models/ahl.pt"),
     ]
-    argv += ["--thresholds", str(run_dir / "models/thresholds.json"), "--out", str(run_dir / "predictions.csv")]
+    if (run_dir / "models/thresholds.json").is_file():  # given and missing would be an error
+        argv += ["--thresholds", str(run_dir / "models/thresholds.json")]
+    argv += ["--out", str(run_dir / "predictions.csv")]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return parser().parse_args(argv)
@@ -165,7 +177,8 @@ def test_glob_and_duplicates(run_dir, small_dataset):
         (["{tmp}/*.png"], {}, "matches no files"),
         (["{tmp}/empty"], {}, "holds no images"),
         (["{good}"], {"base": "{tmp}/none.pt"}, "missing checkpoint"),
-        (["{good}"], {"model": "ahl", "ahl": "{tmp}/none.pt"}, "missing checkpoint"),
+        (["{good}"], {"model": "ahl", "ahl": "{tmp}/none.pt"}, "none.pt: no such file; give an existing file"),
+        (["{good}"], {"thresholds": "{tmp}/typo.json"}, "typo.json: no such file; give an existing file"),
         (["{good}"], {"device": "tpu"}, "--device = 'tpu' is not a device"),
         (["{broken}"], {}, "none of the 1 files could be read as an image"),
     ],

@@ -40,10 +40,14 @@ def test_mean_std_over_seeds_and_the_published_cell():
     assert dra["seeds"] == [0, 1]
     assert dra["auc_roc_mean"] == pytest.approx(0.85) and dra["auc_roc_std"] == pytest.approx(0.05)
     assert dra["unseen_auc_roc_count"] == 1
-    # AHL Table 1, ELPV, M = 10: DRA 0.843 ± 0.002
+    # AHL Table 1, ELPV, M = 10: DRA 0.843 ± 0.002 (AHL's rerun); DRA's own paper: 0.845 ± 0.013
     assert dra["published"] == 0.843 and dra["difference"] == pytest.approx(0.85 - 0.843)
+    assert dra["published_in"] == "AHL Table 1 (AHL's rerun of the base model)"
+    assert dra["base_paper"] == 0.845 and dra["base_paper_in"].startswith("DRA Table 1")
+    assert table[table["model"] == "AHL(DRA)"].iloc[0]["published_in"] == "AHL Table 1"
     text = format_table(table)
     assert "| elpv | general | 10 | - | resnet18 | 448 |" in text and "0.850±0.050 |" in text and "+0.007 |" in text
+    assert "| 0.843±0.002 | +0.007 | 0.845±0.013 |" in text
 
 
 def test_hard_setting_rows_and_their_mean_over_known_classes():
@@ -54,3 +58,18 @@ def test_hard_setting_rows_and_their_mean_over_known_classes():
     assert mean["published"] == 0.788  # AHL Table 2, ELPV hard, M = 10
     per_class = table[(table["model"] == "DRA") & (table["protocol.known_class"] == "mono")].iloc[0]
     assert per_class["auc_roc_mean"] == pytest.approx(0.7) and per_class.isna()["published"]
+
+
+def test_ahls_edge_over_its_base_model_is_paired_by_run():
+    """AHL - base per run (same seed, same base checkpoint), by hand: seed 0 +0.05, seed 1 -0.01, seed 2 +0.02."""
+    rows = [_row(None, "r0", 0, 0.80), _row("e1", "e1", 1, 0.90), _row("e2", "e2", 2, 0.70)]
+    for row, ahl in zip(rows, (0.85, 0.89, 0.72)):
+        row["ahl.auc_roc"] = ahl
+    table = with_published(aggregate(runs_from_rows(rows)))
+    ahl = table[table["model"] == "AHL(DRA)"].iloc[0]
+    edges = [0.05, -0.01, 0.02]
+    assert ahl["edge_mean"] == pytest.approx(sum(edges) / 3)
+    assert ahl["edge_std"] == pytest.approx(float(__import__("numpy").std(edges)))
+    assert ahl["edge_wins"] == 2 and ahl["edge_count"] == 3
+    assert table[table["model"] == "DRA"].iloc[0].isna()["edge_mean"]
+    assert "| +0.020±0.024 (2 of 3 seeds higher) |" in format_table(table)

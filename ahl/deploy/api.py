@@ -21,7 +21,7 @@ from ahl.core.errors import UserError
 from ahl.core.runtime import Runtime
 from ahl.deploy.export import export
 from ahl.deploy.files import as_images
-from ahl.evaluation.decision import TOLERANCE, borderline, decide
+from ahl.evaluation.decision import borderline, decide, tolerance_for
 from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
 
 
@@ -50,8 +50,8 @@ class Run:
 
     @property
     def tolerance(self) -> float:
-        """The lab/line score difference an export of this run allows for (ahl.evaluation.decision.TOLERANCE)."""
-        return TOLERANCE
+        """The lab/line score difference an export of this run allows for (ahl.evaluation.decision)."""
+        return tolerance_for(self.scorer.feature_dtype if self.model == "ahl" else None)
 
     def decide(self, scores: np.ndarray) -> np.ndarray | None:
         """``score > threshold`` per image, as calibrate chose it; None when the run has no threshold."""

@@ -185,6 +185,17 @@ def as_images(images, size: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def optional_input(given: str | None, default: str, flag: str) -> str | None:
+    """A file named by ``flag`` must exist; only the ``default`` may be absent (then None): a typo in a path never
+    silently drops a model or its threshold."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise UserError(f"{flag} {given}: no such file; give an existing file, or leave {flag} out to use "
+                            f"{default} when it exists")  # fmt: skip
+        return given
+    return default if Path(default).is_file() else None
+
+
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments `ahl predict` and `ahl infer` share: the inputs, --out, --heatmaps, --max-pixels,
     --batch-size, -v (the model's are each's own)."""
@@ -218,4 +229,4 @@ def run_command(p: argparse.ArgumentParser, command: Callable, argv: list[str] |
     decided = table["is_anomaly"].dropna()
     near = int(table["borderline"].dropna().astype(bool).sum())
     print(f"{len(table)} files -> {args.out}: {int(decided.sum())} of {len(decided)} decided anomalous"
-          + (f", {near} borderline (within the export's tolerance of the threshold)" if near else ""))  # fmt: skip
+          + (f", {near} borderline (within the lab/line tolerance of the threshold)" if near else ""))  # fmt: skip

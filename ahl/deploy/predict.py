@@ -29,12 +29,13 @@ from ahl.deploy.files import (
     check_outputs,
     command_parser,
     heatmap_names,
+    optional_input,
     resolve_inputs,
     run_command,
     write_heatmap,
     write_predictions,
 )
-from ahl.evaluation.decision import TOLERANCE, checked_threshold
+from ahl.evaluation.decision import checked_threshold, tolerance_for
 from ahl.evaluation.localize import upsample
 from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
 
@@ -93,12 +94,14 @@ def predict(args: argparse.Namespace) -> pd.DataFrame:
     paths = resolve_inputs(args.inputs)
     check_outputs(args.inputs, paths, Path(args.out), Path(args.heatmaps) if args.heatmaps else None)
     runtime = runtime_of(args)
-    ahl = Path(args.ahl) if args.model != "base" and (args.model == "ahl" or Path(args.ahl).is_file()) else None
+    ahl = None if args.model == "base" else optional_input(args.ahl, AHL, "--ahl")
+    if args.model == "ahl" and ahl is None:
+        raise UserError(f"--model ahl: {AHL} does not exist; train AHL (`dvc repro train_ahl`) or give --ahl")
     model = "ahl" if ahl is not None else "base"
-    thresholds = Path(args.thresholds)
-    read = thresholds.is_file() and args.threshold is None  # --threshold: the file is not read
-    scorer = Scorer.load(Path(args.base), ahl, thresholds=thresholds if read else None, runtime=runtime)
-    threshold, source = choose_threshold(scorer, model, args.threshold, str(thresholds))
+    chosen = optional_input(args.thresholds, THRESHOLDS, "--thresholds")
+    read = chosen is not None and args.threshold is None  # --threshold: the file is not read
+    scorer = Scorer.load(Path(args.base), ahl, thresholds=chosen if read else None, runtime=runtime)
+    threshold, source = choose_threshold(scorer, model, args.threshold, str(chosen or THRESHOLDS))
     log.info("%d images, model %s, threshold %s from %s, %s", len(paths), model, threshold, source, runtime.device)
     rows, maps, errors = score_files(scorer, paths, args.batch_size, model, args.max_pixels)
     names = {p: Path(args.heatmaps) / n for p, n in heatmap_names(list(maps)).items()} if args.heatmaps else None
@@ -106,13 +109,14 @@ def predict(args: argparse.Namespace) -> pd.DataFrame:
     for path, m in tqdm(maps.items() if names else (), desc="heatmaps", disable=not show_progress()):
         at = caption(model, scores[str(path)], threshold)
         write_heatmap(names[path], path, lambda size, m=m: upsample(m, size)[0].numpy(), at)
-    return write_predictions(args.out, rows, scorer.columns(), model, threshold, TOLERANCE, errors, paths, names)
+    tolerance = tolerance_for(scorer.feature_dtype if model == "ahl" else None)
+    return write_predictions(args.out, rows, scorer.columns(), model, threshold, tolerance, errors, paths, names)
 
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("ahl predict", __doc__)
     p.add_argument("--base", default=BASE, help=f"the base model (default: {BASE})")
-    p.add_argument("--ahl", default=AHL, help=f"AHL's heads (default: {AHL})")
+    p.add_argument("--ahl", help=f"AHL's heads (default: {AHL}, skipped when it does not exist)")
     p.add_argument(
         "--model",
         choices=("auto", "ahl", "base"),
@@ -121,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threshold", type=float, help="decision threshold on the score (overrides --thresholds)")
     p.add_argument(
-        "--thresholds", default=THRESHOLDS, help=f"thresholds chosen by the pipeline (default: {THRESHOLDS})"
+        "--thresholds", help=f"thresholds chosen by the pipeline (default: {THRESHOLDS}, skipped when absent)"
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--params", default="params.yaml", help="the runtime section is read from here when it exists")

@@ -1,8 +1,8 @@
 """The one way a trained run scores: ``Scorer`` holds models/base.pt, models/ahl.pt when present, the thresholds and
 the runtime, loaded once, and scores images in one backbone pass or cached features in none.
 
-calibrate, evaluate, ``ahl predict`` and the Python API all score through it, so a test image gets the same score,
-head scores and heatmap from each of them under every runtime (float32 or bfloat16 autocast, channels_last or not).
+calibrate, evaluate, ``ahl predict`` and the Python API all score through it, so under one runtime (float32 or
+bfloat16 autocast, channels_last or not) a test image gets the same score, head scores and heatmap from each of them.
 The backbone runs once per image and scale; each model's heads then run through ``score_heads``
 (ahl/method/forward.py), which the export and train_ahl use too:
 

@@ -15,9 +15,11 @@ import pandas as pd
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
 # A row = one combination of these params and the model; seeds are what is averaged. The AHL switches are part
 # of the group so that the ablation's variants never mix with the full method.
+# The training budget is part of it too, so that the rungs of a budget ladder (grids/elpv_ladder.yaml) stay apart.
 GROUP_BY = (
     "classname", "setting", "protocol.n_anomalies", "protocol.known_class", "backbone.name", "backbone.image_size",
-    "ahl.hadg.random_clusters", "ahl.weighting", "ahl.cdl",
+    "ahl.hadg.random_clusters", "ahl.weighting", "ahl.cdl", "base.epochs", "base.steps_per_epoch", "base.batch_size",
+    "ahl.epochs", "ahl.steps_per_epoch", "ahl.batch_size",
 )  # fmt: skip
 # Our model names -> the papers' column names.
 PAPER_MODEL = {"dra": "DRA", "devnet": "DevNet", "AHL(dra)": "AHL(DRA)", "AHL(devnet)": "AHL(DevNet)"}
@@ -74,7 +76,8 @@ def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.js
             if metrics.get(f"{model}.auc_roc") is None:
                 continue
             name = metrics[f"{model}.model"]
-            entry = {**params, "run": row.get("Experiment") or row.get("rev"), "setting": metrics.get("setting")}
+            entry = {**params, "run": row.get("Experiment") or row.get("rev"), "rev": row.get("rev"),
+                     "setting": metrics.get("setting")}  # fmt: skip
             entry["model"] = PAPER_MODEL.get(name, name)
             entry.update({m: _number(metrics.get(f"{model}.{m}")) for m in METRICS})
             out.append(entry)
@@ -87,11 +90,12 @@ def aggregate(runs: pd.DataFrame, group_by: Sequence[str] = GROUP_BY, metrics: S
     ``known_class = "mean"``: the mean over known classes of the per-class means, as the papers' Table 2."""
     keys = [g for g in group_by if g in runs.columns] + ["model"]
     runs = runs.astype({k: object for k in keys}).fillna({k: "-" for k in keys})
+    edges = paired_edges(runs, keys)  # before dropping repeated seeds: each AHL run keeps its own base model
     runs = runs.drop_duplicates(subset=[*keys, "seed"], keep="first")
     table = runs.groupby(keys, dropna=False)[list(metrics)].agg(["mean", lambda x: float(np.std(x.dropna())), "count"])
     table.columns = [f"{m}_{stat if stat != '<lambda_0>' else 'std'}" for m, stat in table.columns]
     table["seeds"] = runs.groupby(keys, dropna=False)["seed"].apply(lambda s: sorted(s.tolist()))
-    table = table.reset_index()
+    table = table.reset_index().merge(edges, on=keys, how="left")
     if "protocol.known_class" in keys:
         hard = table[table["setting"] == "hard"]
         if len(hard):
@@ -102,10 +106,31 @@ def aggregate(runs: pd.DataFrame, group_by: Sequence[str] = GROUP_BY, metrics: S
     return table
 
 
+def paired_edges(runs: pd.DataFrame, keys: Sequence[str], metric: str = "auc_roc") -> pd.DataFrame:
+    """AHL's edge over its base model, paired: per AHL run, AHL's ``metric`` minus the base model's of the same
+    run (one commit or experiment, ``rev``: it trains the base model and AHL on its checkpoint, with one seed); a
+    seed run more than once counts once (the first listed, as ``aggregate`` does); per group and model the mean,
+    the std (population) over seeds, the seeds where AHL is higher, and their count."""
+    is_ahl = runs["model"].astype(str).str.startswith("AHL(")
+    base = runs[~is_ahl].drop_duplicates(subset="rev").set_index("rev")[metric]
+    ahl = runs[is_ahl].copy()
+    ahl["edge"] = ahl[metric] - ahl["rev"].map(base)
+    ahl = ahl.dropna(subset=["edge"]).drop_duplicates(subset=[*keys, "seed"], keep="first")
+    if ahl.empty:
+        return pd.DataFrame(columns=[*keys, "edge_mean", "edge_std", "edge_wins", "edge_count"])
+    grouped = ahl.groupby(list(keys), dropna=False)["edge"]
+    return pd.DataFrame({
+        "edge_mean": grouped.mean(), "edge_std": grouped.agg(lambda x: float(np.std(x.dropna()))),
+        "edge_wins": grouped.agg(lambda x: int((x > 0).sum())), "edge_count": grouped.count(),
+    }).reset_index()  # fmt: skip
+
+
 def with_published(table: pd.DataFrame, published: Path | str = PUBLISHED) -> pd.DataFrame:
     """Add the published AUC-ROC (mean, std, source) of the same cell and our mean minus it.
 
-    A cell: classname, setting, M and model; in the hard setting only the papers' mean over known classes."""
+    A cell: classname, setting, M and model; in the hard setting only the papers' mean over known classes.
+    ``published`` is AHL's table (for DRA and DevNet: AHL's rerun of them, its source says so); where the base
+    model's own paper reports the cell (DRA Table 1), ``base_paper`` holds that figure too."""
     pub = pd.read_csv(published)
     pub["known_class"] = pub["known_class"].fillna("-")
     table = table.copy()
@@ -116,7 +141,12 @@ def with_published(table: pd.DataFrame, published: Path | str = PUBLISHED) -> pd
     table["_known"] = np.where(table["setting"] == "hard", known, "-")
     pub = pub.rename(columns={"m": "protocol.n_anomalies", "known_class": "_known", "auc_roc": "published",
                               "auc_roc_std": "published_std", "source": "published_in"})  # fmt: skip
-    merged = table.merge(pub, how="left", on=["classname", "setting", "protocol.n_anomalies", "model", "_known"])
+    on = ["classname", "setting", "protocol.n_anomalies", "model", "_known"]
+    own = pub["published_in"].str.startswith("DRA ")
+    merged = table.merge(pub[~own], how="left", on=on)
+    base_paper = pub[own].rename(columns={"published": "base_paper", "published_std": "base_paper_std",
+                                          "published_in": "base_paper_in"})  # fmt: skip
+    merged = merged.merge(base_paper, how="left", on=on)
     merged["difference"] = merged["auc_roc_mean"] - merged["published"]
     return merged.drop(columns="_known")
 
@@ -126,9 +156,12 @@ def format_table(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
     if table.empty:
         return "(no runs with metrics)"
     stats = {f"{m}_{s}" for m in metrics for s in ("mean", "std", "count")}
-    extra = {"published", "published_std", "published_in", "difference"}
+    extra = {"published", "published_std", "published_in", "difference", "edge_mean", "edge_std", "edge_wins",
+             "edge_count", "base_paper", "base_paper_std", "base_paper_in"}  # fmt: skip
     keys = [c for c in table.columns if c not in stats | extra]
     header = keys + list(metrics) + (["published", "difference"] if "published" in table.columns else [])
+    header += ["base model's paper"] if "base_paper" in table.columns else []
+    header += ["AHL - base (paired)"] if "edge_mean" in table.columns else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [str(row[k]) for k in keys]
@@ -139,5 +172,11 @@ def format_table(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
             pub, sd = row["published"], row["published_std"]
             cells.append("-" if pd.isna(pub) else f"{pub:.3f}" + ("" if pd.isna(sd) else f"±{sd:.3f}"))
             cells.append("-" if pd.isna(row["difference"]) else f"{row['difference']:+.3f}")
+        if "base_paper" in table.columns:
+            pub, sd = row["base_paper"], row["base_paper_std"]
+            cells.append("-" if pd.isna(pub) else f"{pub:.3f}" + ("" if pd.isna(sd) else f"±{sd:.3f}"))
+        if "edge_mean" in table.columns:
+            cells.append("-" if pd.isna(row["edge_mean"]) else f"{row['edge_mean']:+.3f}±{row['edge_std']:.3f} "
+                         f"({int(row['edge_wins'])} of {int(row['edge_count'])} seeds higher)")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,7 +5,8 @@ The decision is ``score > threshold``. Rule ``fpr``: with N validation normals, 
 of them may score above the threshold, so the threshold is the (k+1)-th highest normal score; normals tied with it
 are not flagged, so ties can only lower the false-positive rate. Rule ``f1``: the threshold that maximises F1 on
 the validation normals and the spare anomalies (held out of training and testing); ties go to the highest one.
-models/thresholds.json holds ``{"base": {...}, "ahl": {...}, "runtime": {...}, "inputs": {...}}``, each model's
+models/thresholds.json holds ``{"base": {...}, "ahl": {...}, "runtime": {...}, "inputs": {...}}`` (``runtime``: what
+the validation images were scored under, when there were any), each model's
 entry with ``threshold``, ``rule``, ``target_fpr``, ``decision``, ``validation`` (counts and the rates achieved
 there) and ``firmness`` (whether it sits on the highest normal's score, the gaps to the nearest scores).
 """

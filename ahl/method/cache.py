@@ -1,7 +1,7 @@
 """The feature cache AHL trains on: the frozen base model's features of train, test and pseudo-anomaly images.
 
-Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float16 by default) with an
-``index.json`` naming every row. A cache directory is written atomically: it exists only when complete.
+Stored packed (one ``.npy`` per split, family and scale; memory-mappable; float32 by default, float16 on
+request) with an ``index.json`` naming every row. A cache directory is written atomically: it exists only when complete.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class FeatureSet:
         the cache)."""
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
-            yield [torch.from_numpy(np.asarray(x[start:stop], dtype=np.float32)).to(device) for x in self.scales]
+            yield [torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device) for x in self.scales]
 
 
 @dataclass
@@ -119,7 +119,7 @@ def load_cache(path: str | Path, mmap: bool = True) -> FeatureCache:
 @dataclass(frozen=True)
 class CacheConfig:
     families: tuple[str, ...] = ("draem", "cutpaste", "cutmix")  # pseudo-anomaly families to build
-    dtype: str = "float16"  # storage dtype: float16 (half the disk) or float32
+    dtype: str = "float32"  # storage dtype: float32 or float16 (half the disk; docs/deviations.md)
     batch_size: int = 32
     dtd_dir: str | None = None  # a folder of DTD textures for DRAEM; None = scikit-image's photographs
     variants: int = 1  # independent draws of every family ("family@k"), for ahl.redraw_augmentation
