@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ahl.evaluation.tables import aggregate, format_table, runs_from_rows, with_published
+from ahl.core.spreadsheet import read_csv, write_csv
+from ahl.evaluation.tables import aggregate, format_table, merge_runs, runs_from_rows, with_published
 
 
 def _row(exp, rev, seed, auc, known_class=None, classname="elpv", m=10, unseen=None):
@@ -73,3 +74,37 @@ def test_ahls_edge_over_its_base_model_is_paired_by_run():
     assert ahl["edge_wins"] == 2 and ahl["edge_count"] == 3
     assert table[table["model"] == "DRA"].iloc[0].isna()["edge_mean"]
     assert "| +0.020±0.024 (2 of 3 seeds higher) |" in format_table(table)
+
+
+def test_unfinished_experiments_and_leftover_metrics_are_not_runs():
+    """DVC lists a queued or running experiment with its baseline's metrics (another subset's, here brick's):
+    such a row is not a run of the grid."""
+    rows = [
+        {**_row("ladder-a", "e1", 0, 0.80), "State": "Success"},
+        {**_row("ladder-b", "e2", 1, 0.70, classname="brick"), "State": "Running", "params.yaml:classname": "elpv"},
+        {**_row("ladder-c", "e3", 2, 0.70), "State": "Queued"},
+        {**_row("ladder-d", "e4", 2, 0.70), "State": "Failed"},
+        {**_row("ladder-e", "e5", 2, 0.70, classname="brick"), "State": "Success", "params.yaml:classname": "elpv"},
+    ]
+    runs = runs_from_rows(rows)
+    assert sorted(set(runs["run"])) == ["ladder-a"]
+
+
+def test_a_committed_runs_file_and_the_experiments_make_one_table(tmp_path):
+    """The runs file keeps what DVC held once; a run DVC holds now replaces its saved rows; written and read back
+    through the spreadsheet-safe CSV, a text cell that looks like a formula comes back as it was."""
+    first = runs_from_rows([_row("e0", "r0", 0, 0.80), _row("e1", "r1", 1, 0.70)])
+    first["note"] = "=1+1"
+    write_csv(tmp_path / "runs.csv", first)
+    saved = read_csv(tmp_path / "runs.csv")
+    assert saved["note"].tolist() == ["=1+1"] * 4
+    later = runs_from_rows([_row("e1", "r1b", 1, 0.90), _row("e2", "r2", 2, 0.60)])  # e1 rerun, e2 new
+    runs = merge_runs(saved, later)
+    assert sorted(zip(runs["run"], runs["model"], runs["auc_roc"])) == [
+        ("e0", "AHL(DRA)", 0.81), ("e0", "DRA", 0.80), ("e1", "AHL(DRA)", 0.91), ("e1", "DRA", 0.90),
+        ("e2", "AHL(DRA)", 0.61), ("e2", "DRA", 0.60),
+    ]  # fmt: skip
+    table = aggregate(runs)
+    assert table[table["model"] == "DRA"].iloc[0]["auc_roc_mean"] == pytest.approx((0.80 + 0.90 + 0.60) / 3)
+    assert table[table["model"] == "AHL(DRA)"].iloc[0]["edge_mean"] == pytest.approx(0.01)
+    assert merge_runs(saved.iloc[0:0], later).equals(later) and merge_runs(saved, later.iloc[0:0]).equals(saved)

@@ -47,3 +47,14 @@ def write_csv(path: str | Path, table: pd.DataFrame, **to_csv) -> None:
         to_csv.setdefault("quoting", csv.QUOTE_NONNUMERIC)
     with atomic_path(path) as tmp:
         safe.to_csv(tmp, index=False, **to_csv)
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A CSV that write_csv wrote, with the ``'`` it put before formula-like text cells taken off again."""
+    table = pd.read_csv(path)
+    for column in table.columns:
+        if _text(table[column]):
+            table[column] = table[column].map(
+                lambda v: v[1:] if isinstance(v, str) and v[:1] == "'" and v[1:].startswith(FORMULA_STARTS) else v
+            )
+    return table.copy()  # one block again after the column assignments

@@ -23,6 +23,8 @@ GROUP_BY = (
 )  # fmt: skip
 # Our model names -> the papers' column names.
 PAPER_MODEL = {"dra": "DRA", "devnet": "DevNet", "AHL(dra)": "AHL(DRA)", "AHL(devnet)": "AHL(DevNet)"}
+# exp_show's State: None for a commit, "Success" for a finished experiment (else Queued, Running, Failed).
+FINISHED = (None, "Success")
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "published.csv"
 
 
@@ -65,13 +67,17 @@ def _number(v: Any) -> float | None:
 def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.json") -> pd.DataFrame:
     """One row per run and model (base, AHL): the run's params (dotted names), its setting, model and metrics.
 
-    The workspace row is skipped: it repeats a commit or the last experiment.
+    Skipped: the workspace row (it repeats a commit or the last experiment); an experiment that has not finished
+    (queued, running, failed: DVC shows it with its baseline's metrics); a row whose metrics belong to another
+    subset than its params (metrics left over from another run).
     """
     out = []
     for row in rows:
-        if row.get("rev") == "workspace":
+        if row.get("rev") == "workspace" or row.get("State") not in FINISHED:
             continue
         params, metrics = _split(row, metrics_file)
+        if metrics.get("classname") is not None and params.get("classname") not in (None, metrics["classname"]):
+            continue
         for model in ("base", "ahl"):
             if metrics.get(f"{model}.auc_roc") is None:
                 continue
@@ -82,6 +88,17 @@ def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.js
             entry.update({m: _number(metrics.get(f"{model}.{m}")) for m in METRICS})
             out.append(entry)
     return pd.DataFrame(out)
+
+
+def merge_runs(saved: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
+    """The runs of a committed runs file (``saved``) and those DVC holds now (``live``) as one frame: a run DVC
+    holds replaces the saved rows of the same run and model, so the file grows as experiments finish, and the
+    table rebuilds from it where the experiments are gone (another machine, a fresh clone)."""
+    if saved.empty or live.empty:
+        return live if saved.empty else saved
+    kept = saved.merge(live[["run", "model"]].drop_duplicates(), on=["run", "model"], how="left", indicator=True)
+    kept = saved[(kept["_merge"] == "left_only").to_numpy()]
+    return pd.concat([kept, live], ignore_index=True).sort_values(["run", "model"], ignore_index=True)
 
 
 def aggregate(runs: pd.DataFrame, group_by: Sequence[str] = GROUP_BY, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
