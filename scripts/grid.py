@@ -3,13 +3,14 @@ remotes; resubmission runs only the cells no remote holds yet.
 
     python scripts/grid.py submit grid.yaml          # sbatch --array of the cells not done (docs/cluster.md)
     python scripts/grid.py submit grid.yaml --print  # write the batch script and cells.json, submit nothing
-    python scripts/grid.py status grid.yaml          # done / queued / running / failed / missing, per cell
+    python scripts/grid.py status grid.yaml          # done / incomplete / queued / running / failed / unknown /
+                                                     # missing, per cell (docs/cluster.md)
     python scripts/grid.py cell CELLS.json INDEX     # run one cell (what each array task runs; any scheduler)
     python scripts/grid.py queue grid.yaml           # no scheduler: the cells into this clone's DVC queue
 
 grid.yaml (``-S key=a,b`` on the command line adds or replaces a list, as `dvc exp run -S` reads it):
 
-    name: table1                      # the experiments are named table1-<cell>
+    name: table1                      # the experiments are named table1-<cell>-<hash of the cell's params>
     grid:                             # every combination of these values is one cell
       classname: [carpet, grid]
       seed: [0, 1, 2]
@@ -32,6 +33,7 @@ is done is still known from the git remote, and what is queued or running from s
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -53,6 +55,8 @@ from ahl.core.io import atomic_path, write_json  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # submit / status
+
+STATES = ("done", "incomplete", "queued", "running", "failed", "unknown", "missing")
 
 
 def context(args) -> tuple[Path, dict, list[dict], str, str]:
@@ -79,15 +83,24 @@ def batch_script(grid: dict, ledger: Ledger, cells: list[dict], url: str, commit
     names = " ".join(shlex.quote(c["name"]) for c in cells)
     lines += [
         'cells="$(mktemp)"',
+        "trap 'rm -f \"$cells\"' EXIT",
         "cat > \"$cells\" <<'AHL_GRID_CELLS'",
         json.dumps(payload),
         "AHL_GRID_CELLS",
         f"names=({names})",
         f'work="{grid["workdir"]}/{grid["name"]}/${{names[$SLURM_ARRAY_TASK_ID]}}"  # grid.yaml workdir',
-        'rm -rf "$work" && mkdir -p "$(dirname "$work")"  # what a killed earlier attempt left',
+        'mkdir -p "$(dirname "$work")"',
+        'exec 9>>"$work.lock"  # held by this task (and the cell it runs) until it ends, however it ends',
+        'if ! flock -n 9; then',
+        '  echo "$work is in use by another live task (its lock $work.lock is held: $(cat "$work.lock"));'
+        ' not touching it" >&2',
+        "  exit 75",
+        "fi",
+        'echo "job ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local}}_${SLURM_ARRAY_TASK_ID} on $(hostname)" > "$work.lock"',
+        'rm -rf "$work"  # what a killed earlier attempt left: no live task holds it',
         f'git clone -q --no-checkout {shlex.quote(url)} "$work"',
         f'git -C "$work" checkout -q --detach {commit}',
-        f'exec {shlex.quote(python)} "$work/scripts/grid.py" cell "$cells" "$SLURM_ARRAY_TASK_ID" --work "$work"',
+        f'{shlex.quote(python)} "$work/scripts/grid.py" cell "$cells" "$SLURM_ARRAY_TASK_ID" --work "$work"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -102,15 +115,17 @@ def submit(args) -> int:
         "ls-remote", url, cwd=repo).stdout.find(commit) < 0:  # fmt: skip
         raise UserError(f"commit {commit[:10]} is not on the git remote {grid['remote']}: git push {grid['remote']} "
                         "HEAD (each task clones it from there)")  # fmt: skip
-    ledger = Ledger(repo, grid["name"])
+    ledger = Ledger(repo, grid["name"], grid["remote"])
     states = ledger.states(cells, url, commit)
-    wanted = {"missing", "failed"} if args.retry_failed else {"missing"}
-    todo = [c for c in cells if states[c["name"]][0] in wanted]
-    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in ("done", "queued", "running", "failed")}
+    wanted = {"missing", "incomplete", "failed"} if args.retry_failed else {"missing", "incomplete"}
+    todo = [c for c in cells if states[c["name"]][0] in wanted]  # never an unknown one: it may still run
+    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if not todo:
         print(f"nothing to submit: {summary or 'no cells'}" + (" (--retry-failed reruns the failed)"
-                                                             if counts["failed"] else ""))  # fmt: skip
+                                                             if counts["failed"] else "")  # fmt: skip
+              + (" (unknown: squeue cannot say whether they still run; they are never resubmitted)"
+                 if counts["unknown"] else ""))  # fmt: skip
         return 0
     (ledger.dir / "logs").mkdir(parents=True, exist_ok=True)
     (ledger.dir / "state").mkdir(exist_ok=True)
@@ -136,13 +151,15 @@ def submit(args) -> int:
 
 def status(args) -> int:
     repo, grid, cells, commit, url = context(args)
-    states = Ledger(repo, grid["name"]).states(cells, url, commit)
+    ledger = Ledger(repo, grid["name"], grid["remote"])
+    states = ledger.states(cells, url, commit)
     width = max(len(c["name"]) for c in cells)
     for cell in cells:
         state, detail = states[cell["name"]]
-        print(f"{cell['name']:<{width}}  {state:<8} {detail}")
-    counts = [f"{sum(1 for s, _ in states.values() if s == k)} {k}"
-              for k in ("done", "queued", "running", "failed", "missing")]  # fmt: skip
+        print(f"{cell['name']:<{width}}  {state:<10} {detail}")
+    for name in ledger.others(cells, url, commit, grid["name"]):
+        print(f"{name:<{width}}  (another version of this grid: its params are none of these cells')")
+    counts = [f"{sum(1 for s, _ in states.values() if s == k)} {k}" for k in STATES]
     print(f"commit {commit[:10]}: " + ", ".join(counts))
     return 0 if all(s == "done" for s, _ in states.values()) else 1
 
@@ -202,36 +219,56 @@ def run_cell(args) -> int:
         raise UserError(f"{args.cells}: no cell {index} (it has {len(payload['cells'])})")
     cell, commit, url = payload["cells"][index], payload["commit"], payload["url"]
     name = cell["name"]
-    if name in done_on_remote(url, commit):
-        print(f"{name}: already on the git remote, nothing to do")
-        return 0
     cloned = args.work is not None
     work = Path(args.work) if cloned else Path(os.environ.get("TMPDIR", "/tmp")) / "ahl-grid" / payload["grid"] / name
     record(payload, index, "running", workdir=str(work))
+    started = time.monotonic()
     print(f"{name}: commit {commit[:10]} in {work} on {socket.gethostname()}", flush=True)
-    steps = [] if cloned else [
-        ["git", "clone", "-q", "--no-checkout", url, str(work)],
-        ["git", "-C", str(work), "checkout", "-q", "--detach", commit],
-    ]  # fmt: skip
-    dvc = [sys.executable, "-m", "dvc"]
-    steps += [
-        [*dvc, "exp", "run", "-n", name, *set_args(cell["params"])],
-        [*dvc, "exp", "push", "origin", name],  # the experiment's refs to git, its outputs to the DVC remote
-    ]
     if not cloned:
-        shutil.rmtree(work, ignore_errors=True)  # what a killed earlier attempt left
         work.parent.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        print("+ " + shlex.join(step), flush=True)
-        code = subprocess.run(step, cwd=work if step[0] != "git" else None).returncode
-        if code:
-            record(payload, index, "failed", exit=code, step=shlex.join(step[:5]))
-            print(f"{name}: FAILED (exit {code}) at: {shlex.join(step)}", file=sys.stderr)
+        lock = open(f"{work}.lock", "a")  # noqa: SIM115 (held until this process ends, as the batch script's)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{work} is in use by another live task (its lock {work}.lock is held); not touching it")
+        shutil.rmtree(work, ignore_errors=True)  # what a killed earlier attempt left: no live task holds it
+        for step in (["git", "clone", "-q", "--no-checkout", url, str(work)],
+                     ["git", "-C", str(work), "checkout", "-q", "--detach", commit]):  # fmt: skip
+            if not _step(step, work, payload, index, name):
+                return 1
+    done, _ = done_on_remote(work, url, commit)
+    if name in done:
+        print(f"{name}: already done (its ref on the git remote, its data in the DVC remote), nothing to do")
+        record(payload, index, "done")
+        return 0
+    dvc = [sys.executable, "-m", "dvc"]
+    # What other cells ran on identical inputs comes from DVC's run cache on the DVC remote: its entries first
+    # (`selection` names a stage with no cached outputs, so nothing else is fetched), then `--pull` restores a
+    # stage whose deps, params and command match an entry instead of running it ("Stage ... is cached").
+    fetched = subprocess.run([*dvc, "fetch", "--run-cache", "selection"], cwd=work).returncode
+    if fetched:
+        print(f"{name}: could not fetch the run cache (exit {fetched}); every stage runs", flush=True)
+    for step in (
+        [*dvc, "exp", "run", "--pull", "-n", name, *set_args(cell["params"])],
+        # the experiment's refs to git and its outputs to the DVC remote (--force: over an incomplete earlier push)
+        [*dvc, "exp", "push", "--force", "origin", name],
+        [*dvc, "push", "--run-cache", "selection"],  # this cell's stages, for the cells after it
+    ):  # fmt: skip
+        if not _step(step, work, payload, index, name):
             return 1
     record(payload, index, "done")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{name}: done, pushed")
+    print(f"{name}: done, pushed; the cell took {time.monotonic() - started:.1f} s")
     return 0
+
+
+def _step(step: list[str], work: Path, payload: dict, index: int, name: str) -> bool:
+    print("+ " + shlex.join(step), flush=True)
+    code = subprocess.run(step, cwd=work if step[0] != "git" else None).returncode
+    if code:
+        record(payload, index, "failed", exit=code, step=shlex.join(step[:5]))
+        print(f"{name}: FAILED (exit {code}) at: {shlex.join(step)}", file=sys.stderr)
+    return code == 0
 
 
 def main(argv: list[str] | None = None) -> int:

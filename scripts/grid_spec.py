@@ -3,7 +3,9 @@ params."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -87,9 +89,16 @@ def bundle_keys(grid: dict) -> list[str]:
     return sorted({k for values in grid["grid"].values() if is_bundle(values) for v in values for k in v} - {"name"})
 
 
-def cell_name(prefix: str, values: dict) -> str:
-    """table1-carpet-seed0-n_anomalies10-dra: a string value as itself, a number after its param's last name, a
-    named set of params by its name."""
+def params_hash(params: dict) -> str:
+    """6 hex digits of sha256 over a cell's params (its own and the grid's ``set:``), as sorted JSON."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def cell_name(prefix: str, values: dict, params: dict) -> str:
+    """table1-carpet-seed0-n_anomalies10-dra-3fa2c1: a string value as itself, a number after its param's last
+    name, a named set of params by its name, and the hash of every param the cell sets (``set:`` included), so
+    that a cell is its params: change ``set:`` or a named set and the cells are new ones."""
     parts = []
     for key, value in values.items():
         if isinstance(value, dict):
@@ -97,8 +106,8 @@ def cell_name(prefix: str, values: dict) -> str:
             continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         parts.append(text if isinstance(value, str) else f"{key.rsplit('.', 1)[-1]}{text}")
-    name = "-".join([prefix, *parts])
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:200]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([prefix, *parts]))[:192]
+    return f"{name}-{params_hash(params)}"
 
 
 def expand(grid: dict) -> list[dict]:
@@ -107,13 +116,13 @@ def expand(grid: dict) -> list[dict]:
     cells, seen = [], set()
     for combo in itertools.product(*(grid["grid"][k] for k in keys)):
         values = dict(zip(keys, combo))
-        name = cell_name(grid["name"], values)
-        if name in seen:
-            raise UserError(f"grid: two cells are both named {name}; make the values distinct")
-        seen.add(name)
         params = dict(grid["set"])
         for key, value in values.items():
             params.update({k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else {key: value})
+        name = cell_name(grid["name"], values, params)
+        if name in seen:
+            raise UserError(f"grid: two cells are both named {name}; make the values distinct")
+        seen.add(name)
         cells.append({"name": name, "params": params})
     return cells
 

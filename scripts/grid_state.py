@@ -1,5 +1,7 @@
-"""What is known of a grid's cells: the git remote (done), Slurm's queue (queued, running) and the cells' own
-state files in the submitting clone's .grid/NAME/ (failed, with the log)."""
+"""What is known of a grid's cells: the remotes (done: the experiment's ref on the git remote and every output it
+records in the DVC remote; incomplete: the ref without all of its data), Slurm's queue (queued, running; unknown
+when squeue cannot say) and the cells' own state files in the submitting clone's .grid/NAME/ (failed, with the
+log)."""
 
 from __future__ import annotations
 
@@ -28,34 +30,86 @@ def remote_url(repo: Path, remote: str) -> str:
     return str((repo / local).resolve()) if "://" not in url and ":" not in url.split("/")[0] else url
 
 
-def done_on_remote(url: str, commit: str) -> set[str]:
-    """Names of the experiments of baseline ``commit`` the git remote holds (DVC keeps an experiment under
-    refs/exps/<2 hex>/<38 hex>/<name>, the hex being its baseline commit)."""
+def refs_on_remote(url: str, commit: str) -> dict[str, str]:
+    """{name: experiment commit} of the experiments of baseline ``commit`` the git remote holds (DVC keeps an
+    experiment under refs/exps/<2 hex>/<38 hex>/<name>, the hex being its baseline commit)."""
     found = subprocess.run(["git", "ls-remote", url, "refs/exps/*"], capture_output=True, text=True)
     if found.returncode:
         raise UserError(f"cannot read the git remote {url}: {found.stderr.strip()}")
-    names = set()
+    refs = {}
     for line in found.stdout.splitlines():
-        parts = line.split("\t")[-1].split("/")
+        sha, _, ref = line.partition("\t")
+        parts = ref.split("/")
         if len(parts) == 5 and parts[2] + parts[3] == commit:
-            names.add(parts[4])
-    return names
+            refs[parts[4]] = sha
+    return refs
 
 
-def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """{'<job>_<task>': PENDING | RUNNING | ...} of the array tasks Slurm still knows; {} without squeue."""
-    if not job_ids or shutil.which("squeue") is None:
+def missing_data(repo: Path, url: str, refs: dict[str, str]) -> dict[str, int]:
+    """{name: how many of its outputs the DVC remote lacks} of the experiments ``refs`` ({name: commit}), asked of
+    DVC itself: the outputs each experiment's dvc.lock records (DVC's used objects of that commit, directories
+    included) against the default DVC remote (DVC's cloud status). The commits are fetched from the git remote
+    first (refs only, no data)."""
+    if not refs:
         return {}
-    found = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True,
-                           text=True)  # fmt: skip
-    return dict(line.split()[:2] for line in found.stdout.splitlines() if len(line.split()) >= 2)
+    specs = [f"+{sha}:refs/ahl-grid/{name}" for name, sha in refs.items()]
+    fetched = subprocess.run(["git", "fetch", "-q", url, *specs], cwd=repo, capture_output=True, text=True)
+    if fetched.returncode:
+        raise UserError(f"cannot fetch the experiments from {url}: {fetched.stderr.strip()}")
+    from dvc.repo import Repo  # the grid's bookkeeping asks DVC; the library (ahl/) never imports it
+
+    from dvc.exceptions import DvcException
+
+    out = {}
+    with Repo(str(repo)) as dvc:
+        for name, sha in refs.items():
+            lacking = 0
+            try:
+                for _ in dvc.brancher(revs=[sha], workspace=False):
+                    for odb, objs in dvc.index.used_objs(force=True, push=True).items():
+                        if odb is None:  # this project's own outputs (not imports from other repositories)
+                            status = dvc.cloud.status(objs)
+                            lacking += len(status.new) + len(status.missing)
+            except (DvcException, OSError) as exc:
+                raise UserError(f"cannot check {name}'s outputs against the DVC remote: {exc}") from None
+            out[name] = lacking
+    return out
+
+
+def done_on_remote(repo: Path, url: str, commit: str) -> tuple[set[str], dict[str, int]]:
+    """(the done cells, {incomplete cell: outputs missing from the DVC remote}) of baseline ``commit``."""
+    refs = refs_on_remote(url, commit)
+    lacking = missing_data(repo, url, refs)
+    return {n for n in refs if not lacking[n]}, {n: k for n, k in lacking.items() if k}
+
+
+SQUEUE_TIMEOUT_S = 120  # squeue retries an unreachable controller for about a minute
+
+
+def squeue_states(job_ids: list[str]) -> tuple[dict[str, str], str | None]:
+    """({'<job>_<task>': PENDING | RUNNING | ...} of the array tasks Slurm still knows, None), or ({}, why not)
+    when squeue is missing or fails: then nobody knows whether a submitted cell still runs."""
+    if not job_ids:
+        return {}, None
+    if shutil.which("squeue") is None:
+        return {}, "not found on PATH"
+    try:
+        found = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True,
+                               text=True, timeout=SQUEUE_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {}, f"no answer within {SQUEUE_TIMEOUT_S} s"
+    if found.returncode:
+        why = (found.stderr.strip().splitlines() or [f"exit {found.returncode}"])[-1]
+        return {}, f"exit {found.returncode}: {why}"
+    return dict(line.split()[:2] for line in found.stdout.splitlines() if len(line.split()) >= 2), None
 
 
 # The bookkeeping of one grid in the submitting clone: .grid/NAME/
 
 
 class Ledger:
-    def __init__(self, repo: Path, name: str):
+    def __init__(self, repo: Path, name: str, remote: str = "origin"):
+        self.repo, self.remote = repo, remote
         self.dir = repo / ".grid" / name
         self.jobs_file = self.dir / "jobs.json"
 
@@ -70,11 +124,11 @@ class Ledger:
             return None
 
     def states(self, cells: list[dict], url: str, commit: str) -> dict[str, tuple[str, str]]:
-        """{cell: (done | queued | running | failed | missing, detail)}: the git remote first, then Slurm's
-        queue for the submissions of this commit, then the cells' own state files."""
-        done = done_on_remote(url, commit)
+        """{cell: (done | incomplete | queued | running | failed | unknown | missing, detail)}: the remotes first,
+        then Slurm's queue for the submissions of this commit, then the cells' own state files."""
+        done, incomplete = done_on_remote(self.repo, url, commit)
         jobs = [j for j in self.jobs() if j["commit"] == commit]
-        queue = squeue_states([j["job"] for j in jobs])
+        queue, unknown = squeue_states([j["job"] for j in jobs])
         where: dict[str, tuple[str, int]] = {}  # cell -> its latest (job, array index)
         for job in jobs:
             for index, name in enumerate(job["cells"]):
@@ -82,19 +136,24 @@ class Ledger:
         out = {}
         for cell in cells:
             name = cell["name"]
-            if name in done:
-                out[name] = ("done", "on the git remote")
-                continue
             job, index = where.get(name, (None, None))
             slurm = queue.get(f"{job}_{index}") if job else None
             if slurm is None and job and queue.get(job, "").startswith(("PENDING", "RUNNING")):
                 slurm = queue[job]  # a pending array shows as one line <job>_[0-2]
             state = self.state(name)
             log = str(self.dir / "logs" / f"{job}_{index}.log") if job else ""
-            if slurm in ("PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "SUSPENDED"):
+            if name in done:
+                out[name] = ("done", "its ref on the git remote, its data in the DVC remote")
+            elif slurm in ("PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "SUSPENDED"):
                 out[name] = ("queued", f"job {job}_{index}")
             elif slurm in ("RUNNING", "COMPLETING"):
                 out[name] = ("running", f"job {job}_{index}, log {log}")
+            elif name in incomplete:
+                out[name] = ("incomplete", f"its ref is on the git remote but {incomplete[name]} of its outputs are "
+                             f"not in the DVC remote: `dvc exp push {self.remote} {name}` where it ran, or submit "
+                             "runs it again")  # fmt: skip
+            elif job and unknown:
+                out[name] = ("unknown", f"(squeue: {unknown}) job {job}_{index}, log {log}")
             elif state and state.get("state") == "failed" and state.get("commit") == commit:
                 out[name] = ("failed", f"exit {state.get('exit')} on {state.get('host')}, log {state.get('log')}")
             elif job:  # Slurm no longer lists it, it did not finish and left no failure behind: killed
@@ -102,3 +161,9 @@ class Ledger:
             else:
                 out[name] = ("missing", "never submitted for this commit")
         return out
+
+    def others(self, cells: list[dict], url: str, commit: str, prefix: str) -> list[str]:
+        """Experiments of this grid's name on the git remote for ``commit`` that are none of its cells: made by
+        another version of the grid file (other params, so another name)."""
+        names = {c["name"] for c in cells}
+        return sorted(n for n in refs_on_remote(url, commit) if n.startswith(f"{prefix}-") and n not in names)

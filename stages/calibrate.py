@@ -14,10 +14,10 @@ from scoring import AHL, BASE, SPLIT, score_part
 
 from ahl.core import provenance
 from ahl.core.io import read_json, write_json
+from ahl.core.layout import THRESHOLDS as OUT
 from ahl.data.protocol import Split
 from ahl.evaluation.threshold import ThresholdConfig, choose, made_from
 
-OUT = "models/thresholds.json"
 log = logging.getLogger("stage")
 
 

@@ -26,6 +26,10 @@ T = TypeVar("T")
 # The top level of params.yaml: three values and one section per part of the pipeline. The stage `selection`
 # (the first one) checks every section against its dataclass, so a typo anywhere stops `dvc repro` at once.
 VALUES = ("classname", "seed", "device")
+# The seeds the stages derive from ``seed`` (e.g. psi's dropout: seed * 1000 + epoch) must stay within torch's
+# 64-bit generator seed, numpy takes any whole number >= 0; 32 bits leave a wide margin and are what most tools
+# print and accept.
+MAX_SEED = 2**32 - 1
 SECTIONS = (
     "data", "embedded", "protocol", "backbone", "base", "features", "ahl", "evaluate", "threshold", "distributed",
     "runtime",
@@ -46,8 +50,8 @@ class Params:
             raise UserError(f"params.yaml: classname = {raw['classname']!r} must be a subset name, e.g. brick")
         path_component(raw["classname"], "params.yaml: classname")  # one folder name: never a path elsewhere
         seed = raw["seed"]
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise UserError(f"params.yaml: seed = {seed!r} must be a whole number >= 0")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"params.yaml: seed = {seed!r} must be a whole number from 0 to {MAX_SEED} (2**32 - 1)")
         if not isinstance(raw["device"], str):
             raise UserError(f"params.yaml: device = {raw['device']!r} must be auto, cpu, cuda or cuda:N")
 

@@ -3,11 +3,11 @@
 from common import ROOT, Params, run
 
 from ahl.core.io import read_json
+from ahl.core.layout import DATA as OUT
+from ahl.core.layout import RAW, SELECTION
 from ahl.data.datasets import selected_dataset
 from ahl.data.download import DataConfig
 from ahl.data.mvtec import validate_dataset
-
-SELECTION, RAW, OUT = "data/selection.json", "data/raw", "data/mvtec"
 
 
 def main(params: Params) -> None:

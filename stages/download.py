@@ -4,11 +4,10 @@ from common import ROOT, Params, local_path, run
 
 from ahl.core.console import show_progress
 from ahl.core.io import read_json
+from ahl.core.layout import LOCAL, RAW, SELECTION
 from ahl.data.datasets import get_source, selected_dataset
 from ahl.data.download import DataConfig, obtain
 from ahl.data.embedded import EmbeddedConfig
-
-SELECTION, LOCAL, RAW = "data/selection.json", "data/local.json", "data/raw"
 
 
 def main(params: Params) -> None:

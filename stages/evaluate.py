@@ -14,16 +14,13 @@ from PIL import Image
 from scoring import DATA, SPLIT, score_part
 
 from ahl.core.io import read_json, write_text
+from ahl.core.layout import METRICS, PLOTS, REPORT, SCORES, THRESHOLDS
 from ahl.core.spreadsheet import write_csv
 from ahl.data.protocol import Split
 from ahl.evaluation.image_metrics import EvaluateConfig, compute_metrics
 from ahl.evaluation.pixel_metrics import load_masks, pixel_metrics
 from ahl.evaluation.report import png_bytes, report_figures, report_html
 from ahl.evaluation.threshold import metrics_at_threshold
-
-METRICS, SCORES, PLOTS = "results/metrics.json", "results/scores.csv", "results/evaluation"
-REPORT = "results/report.html"
-THRESHOLDS = "models/thresholds.json"  # the deployment thresholds (stage calibrate), chosen without the test set
 
 
 def main(params: Params) -> None:

@@ -9,12 +9,12 @@ from ahl.core import provenance
 from ahl.core.console import show_progress
 from ahl.core.distributed import DistributedConfig, process_group, relaunch
 from ahl.core.io import read_json
+from ahl.core.layout import BASE, DATA, SPLIT
+from ahl.core.layout import CACHE as OUT
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.method.cache import CacheConfig, write_cache
 from ahl.models.base import load_checkpoint
-
-DATA, SPLIT, BASE, OUT = "data/mvtec", "data/split.json", "models/base.pt", "cache/features"
 
 
 def main(params: Params) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 from common import ROOT, Params, run
 
 from ahl.core.io import write_json
+from ahl.core.layout import LOCAL as OUT
 from ahl.data.download import DataConfig
 from ahl.data.local import local_manifest
-
-OUT = "data/local.json"
 
 
 def main(params: Params) -> None:

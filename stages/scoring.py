@@ -11,13 +11,12 @@ from compute import stage_runtime
 
 from ahl.core import provenance
 from ahl.core.errors import UserError
+from ahl.core.layout import AHL, BASE, CACHE, DATA, SPLIT
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.evaluation.scorer import Scorer, Scores
 from ahl.method.cache import INDEX, load_cache
 
-DATA, SPLIT, BASE = "data/mvtec", "data/split.json", "models/base.pt"
-CACHE, AHL = "cache/features", "models/ahl.pt"
 FEATURES = "python stages/features.py"  # what reruns a stale cache
 
 

@@ -11,6 +11,7 @@ from common import ROOT, SECTIONS, Params, local_path, run
 
 from ahl.core.distributed import DistributedConfig
 from ahl.core.io import write_json
+from ahl.core.layout import SELECTION as OUT
 from ahl.core.runtime import RuntimeConfig, resolve_device
 from ahl.data.datasets import select
 from ahl.data.download import DataConfig
@@ -23,7 +24,6 @@ from ahl.method.train_ahl import AHLConfig
 from ahl.models.base import BackboneConfig
 from ahl.models.train_base import BaseConfig
 
-OUT = "data/selection.json"
 CONFIGS = {
     "data": DataConfig, "embedded": EmbeddedConfig, "protocol": ProtocolConfig, "backbone": BackboneConfig,
     "base": BaseConfig, "features": CacheConfig, "ahl": AHLConfig, "evaluate": EvaluateConfig,

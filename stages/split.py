@@ -3,10 +3,10 @@
 from common import ROOT, Params, run
 
 from ahl.core.io import write_json
+from ahl.core.layout import DATA
+from ahl.core.layout import SPLIT as OUT
 from ahl.data.mvtec import read_subset
 from ahl.data.protocol import ProtocolConfig, make_split
-
-DATA, OUT = "data/mvtec", "data/split.json"
 
 
 def main(params: Params) -> None:

@@ -16,14 +16,15 @@ from live import live
 from ahl.core import provenance
 from ahl.core.console import show_progress
 from ahl.core.distributed import DistributedConfig, process_group, relaunch
+from ahl.core.layout import AHL as OUT
+from ahl.core.layout import AHL_LOG as LOG
+from ahl.core.layout import BASE, CACHE
 from ahl.evaluation.image_metrics import auc_roc_pr
 from ahl.method.cache import INDEX, load_cache
 from ahl.method.forward import score_features
 from ahl.method.init import initial_heads
 from ahl.method.train_ahl import AHLConfig, train_ahl
 from ahl.models.base import load_base_heads, save_heads
-
-CACHE, BASE, OUT, LOG = "cache/features", "models/base.pt", "models/ahl.pt", "results/ahl_training"
 
 
 def main(params: Params) -> None:

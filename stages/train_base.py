@@ -8,13 +8,13 @@ from compute import run_device, stage_runtime
 from ahl.core.console import show_progress
 from ahl.core.distributed import DistributedConfig, process_group, relaunch
 from ahl.core.io import read_json
+from ahl.core.layout import BASE as OUT
+from ahl.core.layout import DATA, SPLIT
 from ahl.core.provenance import inputs
 from ahl.data.mvtec import load_images
 from ahl.data.protocol import Split
 from ahl.models.base import BackboneConfig, save_checkpoint
 from ahl.models.train_base import BaseConfig, train_base
-
-DATA, SPLIT, OUT = "data/mvtec", "data/split.json", "models/base.pt"
 
 
 def main(params: Params) -> None:

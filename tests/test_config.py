@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,56 @@ def test_a_stage_prints_one_line_and_exits_2(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: params.yaml: unknown key evaluate.batch_sise (did you mean 'batch_size'?); known keys: batch_size"
     ]
+
+
+def _stage(stage: str, params: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``python stages/STAGE.py`` from a copy of the code in ``cwd``: a stage that took the params would find no
+    data there, so it can never train on (or overwrite) the outputs of the clone running the tests."""
+    for part in ("ahl", "stages"):
+        if not (cwd / part).exists():
+            shutil.copytree(ROOT / part, cwd / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return subprocess.run([sys.executable, str(cwd / "stages" / f"{stage}.py"), "--params", str(params)],
+                          capture_output=True, text=True, cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["top", "section"])
+def test_a_duplicated_key_is_refused_by_a_plain_python_stage_as_by_dvc(tmp_path, where):
+    """Was: PyYAML kept the last value, and train_base trained with it, where `dvc repro` refuses the file."""
+    text = (ROOT / "params.yaml").read_text()
+    lines = text.splitlines()
+    if where == "top":
+        first = next(k for k, line in enumerate(lines) if line.startswith("seed:"))
+        lines.append("seed: 7")
+        key = "seed"
+    else:
+        first = next(k for k, line in enumerate(lines) if line.startswith("  epochs:"))
+        lines.insert(first + 1, "  epochs: 99")
+        key = "epochs"
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    res = _stage("train_base", tmp_path / "params.yaml", tmp_path)
+    second = len(lines) if where == "top" else first + 2
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'params.yaml'}: key '{key}' given twice (lines {first + 1} and {second}); keep one "
+        "(DVC refuses the file too)"
+    ]
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("seed", [12345678901234567890, 2**32, -1])
+def test_a_seed_out_of_every_generators_range_stops_the_first_stage(tmp_path, seed):
+    """Was: a 20-digit seed passed selection and split and ended train_base in a traceback."""
+    raw = copy.deepcopy(COMMITTED)
+    raw["seed"] = seed
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for stage in ("selection", "train_base"):
+        res = _stage(stage, tmp_path / "params.yaml", tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"error: params.yaml: seed = {seed} must be a whole number from 0 to 4294967295 (2**32 - 1)"
+        ]
+    raw["seed"] = 2**32 - 1
+    Params(raw)  # the largest accepted
 
 
 BOUNDS = [  # (section, key, the largest accepted value), as ahl/core/config.py's MAX_* give them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -128,10 +129,33 @@ def test_editing_the_folder_changes_the_manifest(tmp_path: Path, edit: str) -> N
     assert local_manifest(local, hash_cache=cache) != before
 
 
+def _later(monkeypatch) -> None:
+    """The hash cache's clock well past the racy window of files written (or utime'd: ctime) just now."""
+    later = time.time_ns() + 10 * local_data.RACY_NS
+    monkeypatch.setattr(local_data, "time", types.SimpleNamespace(time_ns=lambda: later))
+
+
+def test_an_edit_in_place_with_size_and_mtime_restored_is_seen(tmp_path: Path, monkeypatch) -> None:
+    """Was: the hash cache was keyed by size and mtime only, so `touch -d`, `rsync -t` or `cp -p` over an edit
+    left the manifest (and so the pipeline) unchanged; the kernel's ctime moves on every write."""
+    local = _folder(tmp_path / "mine")
+    _age(local)
+    cache = tmp_path / "downloads" / ".hash-cache.json"
+    image = local / "images" / "a.png"
+    kept = image.stat()
+    _later(monkeypatch)
+    before = local_manifest(local, hash_cache=cache)
+    image.write_bytes(b"A" * kept.st_size)  # same size, other content
+    os.utime(image, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # and its mtime put back
+    assert image.stat().st_size == kept.st_size and image.stat().st_mtime_ns == kept.st_mtime_ns
+    assert local_manifest(local, hash_cache=cache) != before
+
+
 def test_an_unchanged_tree_is_served_from_the_hash_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = _folder(tmp_path / "mine")
     _age(local)
     cache = tmp_path / "downloads" / ".hash-cache.json"
+    _later(monkeypatch)
     calls: list[str] = []
     real_sha256 = local_data.sha256_file
     monkeypatch.setattr(local_data, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))
@@ -151,6 +175,7 @@ def test_files_modified_just_now_are_not_cached(tmp_path: Path, monkeypatch: pyt
     local = _folder(tmp_path / "mine")
     cache = tmp_path / ".hash-cache.json"
     local_manifest(local, hash_cache=cache)
+    _later(monkeypatch)
     calls: list[str] = []
     real_sha256 = local_data.sha256_file
     monkeypatch.setattr(local_data, "sha256_file", lambda path, **kw: calls.append(str(path)) or real_sha256(path))

@@ -68,6 +68,27 @@ def test_mixed_sizes_and_modes_are_converted_with_a_warning(small_dataset, tmp_p
         assert (im.size, im.mode) == ((64, 64), "RGB")
 
 
+def test_a_mask_of_another_size_than_its_image_is_one_line_naming_both(small_dataset, tmp_path):
+    """Was: resized to fit without a word. A mask of its image's size still follows the image to the subset's
+    size (nearest neighbour)."""
+    local = make_own(small_dataset, tmp_path / "mydata")
+    crack = sorted((local / "mine" / "test" / "crack").iterdir())
+    mask = local / "mine" / "ground_truth" / "crack" / f"{crack[0].stem}_mask.png"
+    with Image.open(mask) as im:
+        im.resize((32, 32)).save(mask)
+    with pytest.raises(UserError) as err:
+        selected_dataset(select("mine", local, M2)).convert(local, tmp_path / "out", seed=42)
+    message = str(err.value)
+    shown_mask, shown_image = (Path("data.local") / f.relative_to(local) for f in (mask, crack[0]))
+    assert f"{shown_mask} is 32x32 but its image {shown_image} is 64x64" in message and "\n" not in message
+    assert not (tmp_path / "out" / "mine").exists()
+    with Image.open(crack[0]) as im:  # the image at 32x32 too: both are resized to the subset's 64x64
+        im.resize((32, 32)).save(crack[0])
+    selected_dataset(select("mine", local, M2)).convert(local, tmp_path / "out", seed=42)
+    with Image.open(tmp_path / "out" / "mine" / "ground_truth" / "crack" / mask.name) as im:
+        assert im.size == (64, 64)
+
+
 def _error(local: Path, name: str = "mine", protocol: ProtocolConfig = M2) -> str:
     with pytest.raises(UserError) as err:
         select(name, local, protocol)

@@ -156,3 +156,23 @@ def test_base_training_runs_in_bfloat16_and_channels_last(images):
     assert all(r.dtype == torch.float32 and r.is_contiguous() for r in ckpt.normal_mean)
     assert all(p.is_contiguous() for p in ckpt.model.parameters())  # checkpoints hold plain tensors
     assert np.isfinite(ckpt.meta["history"][0]["loss"])
+
+
+def test_describe_records_the_process_wide_switches_that_change_scores():
+    """What thresholds.json and an export record of the runtime: with TF32, cuDNN autotuning and deterministic
+    algorithms (was: device, dtype, memory format and compile only, so a TF32 run's thresholds looked like a
+    float32 one's)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = True, True, True
+        cpu = Runtime(torch.device("cpu")).describe()
+        assert {k: cpu[k] for k in ("device", "dtype", "tf32", "cudnn_benchmark")} == {
+            "device": "cpu", "dtype": "float32", "tf32": False, "cudnn_benchmark": False}  # fmt: skip
+        assert cpu["deterministic"] is torch.are_deterministic_algorithms_enabled()
+        cuda = Runtime(torch.device("cuda", 0)).describe()  # describing touches no GPU
+        assert cuda["tf32"] is True and cuda["cudnn_benchmark"] is True
+        matmul.allow_tf32 = False
+        assert Runtime(torch.device("cuda", 0)).describe()["tf32"] is False
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved

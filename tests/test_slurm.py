@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Repo, tiny_params
+from conftest import ROOT, Repo, tiny_params
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import grid_spec as G  # noqa: E402
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue")
 pytestmark = [
@@ -167,10 +170,11 @@ def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path
 
     status = _grid(repo, repo.env, "status", "grid.yaml")
     print(status.stdout)
-    lines = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[:-1]}
+    lines = {line.split()[0].rsplit("-", 1)[0]: line.split()[1] for line in status.stdout.splitlines()[:-1]}
     assert lines == {"t3-seed0": "done", "t3-seed1": "done", "t3-seed-1": "failed"}, status.stdout + status.stderr
+    names = {c["name"].rsplit("-", 1)[0]: c["name"] for c in G.expand(G.load_grid(repo.path / "grid.yaml", []))}
     assert status.returncode == 1  # not all done
-    failed = next(line for line in status.stdout.splitlines() if line.startswith("t3-seed-1"))
+    failed = next(line for line in status.stdout.splitlines() if line.startswith(names["t3-seed-1"]))
     log = Path(failed.split("log ")[-1])
     assert log.is_file() and "seed = -1" in log.read_text(), failed  # the stage's one-line error, in its log
 
@@ -182,7 +186,7 @@ def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path
     fresh = tmp_path / "fresh"
     subprocess.run(["git", "clone", "-q", str(origin), str(fresh)], env=repo.env, check=True)
     other = Repo.existing(fresh, repo.env)
-    other.dvc("exp", "pull", "origin", "t3-seed0", "t3-seed1")
+    other.dvc("exp", "pull", "origin", names["t3-seed0"], names["t3-seed1"])
     shown = json.loads(other.dvc("exp", "show", "--json").stdout)
     auc = {}
     for commit in shown:
@@ -191,7 +195,8 @@ def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path
                 data = rev.get("data") or {}
                 metrics = (data.get("metrics") or {}).get("results/metrics.json", {}).get("data", {})
                 auc[rev.get("name")] = metrics.get("ahl", {}).get("auc_roc")
-    assert set(auc) >= {"t3-seed0", "t3-seed1"} and all(0 <= auc[n] <= 1 for n in ("t3-seed0", "t3-seed1")), auc
+    good = (names["t3-seed0"], names["t3-seed1"])
+    assert set(auc) >= set(good) and all(0 <= auc[n] <= 1 for n in good), auc
     table = subprocess.run([sys.executable, str(fresh / "scripts/table.py")], cwd=fresh, env=repo.env,
                            capture_output=True, text=True)  # fmt: skip
     print(table.stdout)
@@ -216,7 +221,8 @@ def test_a_killed_cell_is_reported_failed_and_rerun_only_when_asked(slurm, tmp_p
     submitted = _grid(repo, repo.env, "submit", "grid.yaml")
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.split("submitted job ")[1].split(":")[0]
-    state = repo.path / ".grid/k/state/k-seed5.json"
+    (cell,) = G.expand(G.load_grid(repo.path / "grid.yaml", []))
+    state = repo.path / f".grid/k/state/{cell['name']}.json"
     _wait(lambda: state.is_file(), 120, "the cell did not start")
     assert "running" in _grid(repo, repo.env, "status", "grid.yaml").stdout
     subprocess.run(["scancel", job], env=repo.env, check=True)
@@ -224,7 +230,47 @@ def test_a_killed_cell_is_reported_failed_and_rerun_only_when_asked(slurm, tmp_p
                                      text=True).stdout.strip(), 60, "scancel did not end the task")  # fmt: skip
     status = _grid(repo, repo.env, "status", "grid.yaml")
     print(status.stdout)
-    assert "k-seed5  failed   job " in status.stdout and "ended without pushing" in status.stdout, status.stdout
+    assert f"{cell['name']}  failed     job " in status.stdout and "ended without pushing" in status.stdout, status.stdout
     assert _grid(repo, repo.env, "submit", "grid.yaml").stdout.startswith("nothing to submit: 1 failed")
     retry = _grid(repo, repo.env, "submit", "grid.yaml", "--retry-failed", "--print")
     assert "1 cell(s) to run" in retry.stdout, retry.stdout + retry.stderr
+
+
+def test_cells_that_differ_in_an_ahl_param_share_the_stages_before_it_through_dvcs_run_cache(slurm, tmp_path):
+    """Three cells of one class and seed that differ only in ahl.epochs, one after the other (max_parallel 1): the
+    first runs every stage; the second and third restore download, convert, train_base and features from DVC's
+    run cache on the DVC remote (their logs say so) and run the stages after them."""
+    repo = Repo(tmp_path / "lab", tiny_params())
+    repo.env = {**repo.env, **slurm, "DVC_NO_ANALYTICS": "1"}
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    repo.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
+    grid = {"name": "rc", "grid": {"ahl.epochs": [1, 2, 3]}, "set": {"seed": 0},
+            "slurm": {"cpus_per_task": 1, "max_parallel": 1}, "workdir": str(tmp_path / "w")}  # fmt: skip
+    (repo.path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "the grid")
+    repo.git("remote", "add", "origin", str(origin))
+    repo.git("push", "-q", "origin", "HEAD:refs/heads/main")
+    submitted = _grid(repo, repo.env, "submit", "grid.yaml")
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job ")[1].split(":")[0]
+    _wait(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=repo.env, capture_output=True,
+                                     text=True).stdout.strip(), 1800, "the array did not finish")  # fmt: skip
+    status = _grid(repo, repo.env, "status", "grid.yaml")
+    assert status.returncode == 0, status.stdout + status.stderr  # all done
+    stages = ("selection", "download", "convert", "split", "train_base", "features", "train_ahl", "calibrate",
+              "evaluate")  # fmt: skip
+    ran, cached, seconds = [], [], []
+    for index in range(3):
+        log = (repo.path / ".grid/rc/logs" / f"{job}_{index}.log").read_text()
+        ran.append({s for s in stages if f"Running stage '{s}'" in log})
+        cached.append({s for s in stages if f"Stage '{s}' is cached - skipping run" in log})
+        seconds.append(float(log.rsplit("cell took ", 1)[1].split(" s")[0]))
+        print(f"cell {index}: ran {sorted(ran[-1])}, from the run cache {sorted(cached[-1])}, {seconds[-1]:.0f} s")
+    assert ran[0] == set(stages) and cached[0] == set()
+    # selection and split write files git keeps (cache: false), which DVC's run cache does not hold: they run
+    # again (in seconds) and write the same files, so the stages after them match the run cache
+    for index in (1, 2):
+        assert cached[index] == {"download", "convert", "train_base", "features"}, (ran, cached)
+        assert ran[index] == {"selection", "split", "train_ahl", "calibrate", "evaluate"}, (ran, cached)

@@ -146,19 +146,34 @@ def test_stage_params_match_what_each_stage_reads():
 
 
 def test_stage_paths_are_declared_in_dvc_yaml():
-    """The path constants of each stage script (DATA, SPLIT, OUT, ...) are its deps or outs in dvc.yaml."""
+    """The paths each stage script uses (ahl/core/layout.py's, imported from it or through a helper such as
+    stages/scoring.py, and any path constant of its own) are its deps or outs in dvc.yaml; every layout path is
+    some stage's out."""
+    from ahl.core import layout
+
+    paths = {k: v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    every_out = set()
     for name, script in stage_scripts(dvc_yaml).items():
         stage = dvc_yaml["stages"][name]
         declared = set(stage.get("deps", []))
         for kind in ("outs", "metrics", "plots"):
-            declared |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])}
+            outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])}
+            declared |= outs
+            every_out |= outs
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("ahl.core.layout", "scoring"):
+                for alias in node.names:
+                    if alias.name in paths:
+                        assert paths[alias.name] in declared, (
+                            f"stage {name}: {alias.name} = {paths[alias.name]} is not a dep or out in dvc.yaml")
         for node in ast.parse(script.read_text()).body:
             if isinstance(node, ast.Assign) and all(isinstance(t, (ast.Name, ast.Tuple)) for t in node.targets):
                 values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
                 for v in values:
                     if isinstance(v, ast.Constant) and isinstance(v.value, str) and "/" in v.value and " " not in v.value:
                         assert v.value in declared, f"stage {name}: {v.value} is not a dep or out in dvc.yaml"
+    assert set(paths.values()) - every_out == set(), "a path of ahl/core/layout.py that no stage makes"
 
 
 def _graph() -> dict[str, set[str]]:

@@ -29,6 +29,24 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.2 floats: ``lr: 2e-4`` is the float 0.0002 (as DVC reads it), not the string YAML 1.1 makes of it."""
 
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused, as DVC refuses it (PyYAML alone keeps the last value)."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise DuplicateKey(f"key {key!r} given twice (lines {seen[key]} and {line})")
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
 
@@ -40,6 +58,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"missing {path}: run stages from the project root, or pass --params PATH")
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}; keep one (DVC refuses the file too)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:

@@ -88,9 +88,17 @@ class Runtime:
         return cls(device, dtype, channels_last, config.compile)
 
     def describe(self) -> dict:
-        """What a result computed under this runtime records (thresholds.json, an export's metadata)."""
-        return {"device": str(self.device), "dtype": str(self.dtype or torch.float32).removeprefix("torch."),
-                "channels_last": self.channels_last, "compile": self.compile, "torch": torch.__version__}  # fmt: skip
+        """What a result computed under this runtime records (thresholds.json, an export's metadata): the device,
+        the autocast dtype, the memory format, compile, and the process-wide switches in force now (TF32 matmuls
+        and convolutions, cuDNN autotuning, deterministic algorithms), for these change scores on CUDA too."""
+        cuda = self.device.type == "cuda"
+        return {
+            "device": str(self.device), "dtype": str(self.dtype or torch.float32).removeprefix("torch."),
+            "channels_last": self.channels_last, "compile": self.compile,
+            "tf32": cuda and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": cuda and torch.backends.cudnn.benchmark,
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "torch": torch.__version__,
+        }  # fmt: skip
 
     def autocast(self) -> AbstractContextManager:
         """Autocast to ``dtype`` for forward passes (a no-op in float32); backward runs outside it."""

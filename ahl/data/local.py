@@ -72,25 +72,29 @@ RACY_NS = 2_000_000_000  # a file modified this recently may change again within
 
 
 class _HashCache:
-    """sha256 of files keyed by (real path, size, mtime_ns), kept in a JSON file between runs."""
+    """sha256 of files keyed by (real path, size, mtime_ns, ctime_ns, inode), kept in a JSON file between runs.
+
+    ctime is the kernel's: every write, rename or chmod sets it to now, and no tool sets it back, so a file edited
+    in place with its size and mtime restored (``touch -d``, ``rsync -t``, ``cp -p``) is hashed again."""
 
     def __init__(self, path: Path | None) -> None:
         self.path, self.entries, self.changed = path, {}, False
         if path is not None and path.is_file():
             try:
                 data = read_json(path)
-                self.entries = {k: v for k, v in data.get("entries", {}).items() if len(v) == 3}
+                self.entries = {k: v for k, v in data.get("entries", {}).items() if len(v) == 5}
             except (OSError, ValueError, AttributeError, TypeError):
                 log.warning("ignoring the unreadable hash cache %s; it is rebuilt", path)
 
     def sha256(self, real: str) -> tuple[int, str]:
         st = os.stat(real)
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = self.entries.get(real)
-        if hit is not None and hit[:2] == [st.st_size, st.st_mtime_ns]:
-            return st.st_size, hit[2]
+        if hit is not None and hit[:4] == key:
+            return st.st_size, hit[4]
         digest = sha256_file(real)
-        if time.time_ns() - st.st_mtime_ns > RACY_NS:
-            self.entries[real], self.changed = [st.st_size, st.st_mtime_ns, digest], True
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+            self.entries[real], self.changed = [*key, digest], True
         return st.st_size, digest
 
     def forget_under(self, top: str, keep: set[str]) -> None:

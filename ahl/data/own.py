@@ -184,6 +184,23 @@ def _write_mask(src: Path, dst: Path, size: tuple[int, int], unreadable=_unreada
     converters._save_mask(mask, dst)
 
 
+def _check_masks(masks: list[Path], plan: list[tuple[Path, str]], root: Path, shown: Path, unreadable) -> None:
+    """Every mask has its image's size (both are resized together to the subset's size afterwards); a mask of
+    another size is one line naming both files, never stretched to fit."""
+    images = {(folder.rsplit("/", 1)[-1], f.stem): f for f, folder in plan if folder != f"train/{GOOD}"}
+    for mask in masks:
+        image = images.get((mask.parent.name, mask.stem.removesuffix("_mask")))
+        if image is None:
+            continue
+        with _read(mask, header_only=True, unreadable=unreadable) as m, _read(image, True, unreadable) as im:
+            if m.size != im.size:
+                raise UserError(
+                    f"{shown / mask.relative_to(root)} is {m.width}x{m.height} but its image "
+                    f"{shown / image.relative_to(root)} is {im.width}x{im.height}; a mask has its image's size: save "
+                    f"it at {im.width}x{im.height} (or move it out of {shown / MASKS})"
+                )
+
+
 def _plan(layout: OwnLayout, seed: int, classname: str) -> list[tuple[Path, str]]:
     """(source image, destination folder relative to the subset) of every image."""
     if layout.kind == "mvtec":
@@ -222,6 +239,7 @@ def convert_own(raw: Path, out: Path, *, seed: int = 42, classname: str, max_pix
     skipped = {(folder.rsplit("/", 1)[-1], f.stem) for f, folder in plan if f not in kept}  # and their masks
     kept -= {m for m in masks if (m.parent.name, m.stem.removesuffix("_mask")) in skipped}
     plan = [(f, folder) for f, folder in plan if f in kept]
+    _check_masks([m for m in masks if m in kept], plan, root, shown, unreadable)
     size, mode = _target([f for f, _ in plan], unreadable)
     with atomic_dir(out) as tmp:
         subset = tmp / classname

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ahl.core.errors import UserError
+from ahl.core.layout import AHL, BASE, THRESHOLDS
 from ahl.core.runtime import Runtime
 from ahl.deploy.export import export
 from ahl.deploy.files import as_images
 from ahl.evaluation.decision import borderline, decide, tolerance_for
-from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
+from ahl.evaluation.scorer import Scorer
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Run:
     @property
     def tolerance(self) -> float:
         """The lab/line score difference an export of this run allows for (ahl.evaluation.decision)."""
-        return tolerance_for(self.scorer.feature_dtype if self.model == "ahl" else None)
+        return tolerance_for(self.scorer.feature_dtype_of(self.model))
 
     def decide(self, scores: np.ndarray) -> np.ndarray | None:
         """``score > threshold`` per image, as calibrate chose it; None when the run has no threshold."""

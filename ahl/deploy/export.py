@@ -27,11 +27,12 @@ from ahl.core import provenance
 from ahl.core.console import setup_logging
 from ahl.core.errors import UserError
 from ahl.core.io import atomic_dir, write_json
-from ahl.deploy.files import optional_input
+from ahl.core.layout import AHL, BASE, THRESHOLDS
 from ahl.deploy.exported import FORMAT_VERSION, METADATA, MODEL_FILES, OUTPUTS, load_exported
+from ahl.deploy.files import optional_input
 from ahl.evaluation.decision import DECISION, tolerance_for
 from ahl.evaluation.localize import upsample
-from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
+from ahl.evaluation.scorer import Scorer
 from ahl.method.forward import score_heads
 from ahl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
@@ -48,7 +49,7 @@ class ExportedScorer(torch.nn.Module):
         super().__init__()
         self.network = scorer.base.model
         self.heads = scorer.base.model.heads if model == "base" else scorer.ahl
-        self.feature_dtype = scorer.feature_dtype if model == "ahl" else None
+        self.feature_dtype = scorer.feature_dtype_of(model)
         self.size = scorer.size
         for s, m in enumerate(scorer.base.normal_mean):
             self.register_buffer(f"normal_mean_{s}", m.detach().float().clone())
@@ -103,7 +104,7 @@ def metadata_of(scorer: Scorer, model: str, fmt: str, checkpoints: dict) -> dict
             "scales": f"scale s at image_size / 2**s by ahl.models.backbones.downscale ({backbone.get('resize')})",
         },
         "backbone": backbone,
-        "feature_dtype": scorer.feature_dtype if model == "ahl" else "float32",
+        "feature_dtype": scorer.feature_dtype_of(model) or "float32",
         "outputs": list(OUTPUTS),
         "head_names": list(heads.head_names),
         "threshold": scorer.threshold(model),
@@ -139,7 +140,7 @@ def export(
         if fmt == "openvino":
             _onnx_to_openvino(tmp / "model.onnx", tmp / "model.xml")
         metadata["files"] = provenance.inputs(**{name: tmp / name for name in MODEL_FILES[fmt]})
-        floor = tolerance_for(metadata["feature_dtype"] if model == "ahl" else None)
+        floor = tolerance_for(scorer.feature_dtype_of(model))
         metadata["tolerance"], metadata["tolerance_measured"] = floor, None
         write_json(tmp / METADATA, metadata)
         measured = _measure(scorer, model, tmp, floor)

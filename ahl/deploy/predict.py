@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ahl.core.config import from_params, load_yaml
 from ahl.core.console import show_progress
 from ahl.core.errors import UserError
+from ahl.core.layout import AHL, BASE, THRESHOLDS
 from ahl.core.runtime import AUTOCAST, Runtime, RuntimeConfig, configure_tf32, resolve_device
 from ahl.data.mvtec import MAX_PIXELS
 from ahl.deploy.files import (
@@ -37,7 +38,7 @@ from ahl.deploy.files import (
 )
 from ahl.evaluation.decision import checked_threshold, tolerance_for
 from ahl.evaluation.localize import upsample
-from ahl.evaluation.scorer import AHL, BASE, THRESHOLDS, Scorer
+from ahl.evaluation.scorer import Scorer
 
 log = logging.getLogger("ahl.deploy.predict")
 
@@ -109,7 +110,7 @@ def predict(args: argparse.Namespace) -> pd.DataFrame:
     for path, m in tqdm(maps.items() if names else (), desc="heatmaps", disable=not show_progress()):
         at = caption(model, scores[str(path)], threshold)
         write_heatmap(names[path], path, lambda size, m=m: upsample(m, size)[0].numpy(), at)
-    tolerance = tolerance_for(scorer.feature_dtype if model == "ahl" else None)
+    tolerance = tolerance_for(scorer.feature_dtype_of(model))
     return write_predictions(args.out, rows, scorer.columns(), model, threshold, tolerance, errors, paths, names)
 
 

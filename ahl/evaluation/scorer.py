@@ -28,6 +28,7 @@ import torch
 
 from ahl.core import provenance
 from ahl.core.errors import UserError
+from ahl.core.layout import AHL, BASE, THRESHOLDS
 from ahl.core.runtime import Runtime, plain
 from ahl.evaluation.decision import checked_threshold
 from ahl.evaluation.localize import upsample
@@ -40,7 +41,6 @@ from ahl.models.heads import ScoringHeads
 
 log = logging.getLogger(__name__)
 
-BASE, AHL, THRESHOLDS = "models/base.pt", "models/ahl.pt", "models/thresholds.json"
 TRAIN_BASE, TRAIN_AHL, CALIBRATE = (f"python stages/{s}.py" for s in ("train_base", "train_ahl", "calibrate"))
 
 
@@ -170,6 +170,11 @@ class Scorer:
             f"{k}_{name}" for k in self.models for name in self._heads(k).head_names
         ]
 
+    def feature_dtype_of(self, model: str) -> str | None:
+        """The dtype ``model``'s heads see their features rounded to: the feature cache's for AHL (it trained on
+        the cache), none for the base model (it trained on the backbone's float32 features)."""
+        return self.feature_dtype if model == "ahl" else None
+
     def _heads(self, model: str) -> ScoringHeads:
         return self.base.model.heads if model == "base" else self.ahl
 
@@ -178,8 +183,7 @@ class Scorer:
         the one scoring the export and train_ahl use too, under the runtime's autocast; AHL's heads on features
         rounded to the feature cache's dtype."""
         heads = self._heads(model)
-        dtype = self.feature_dtype if model == "ahl" else None
-        scored = score_heads(heads, features, normal_mean, feature_dtype=dtype, autocast=self.runtime.autocast)
+        scored = score_heads(heads, features, normal_mean, feature_dtype=self.feature_dtype_of(model), autocast=self.runtime.autocast)
         out.final[model] = scored.final.cpu().numpy()
         out.heads[model] = scored.per_head.cpu().numpy()
         out.maps[model] = [m.cpu().numpy() for m in scored.maps]

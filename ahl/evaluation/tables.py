@@ -12,6 +12,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ahl.core.layout import METRICS as METRICS_FILE
+
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
 # A row = one combination of these params and the model; seeds are what is averaged. The AHL switches are part
 # of the group so that the ablation's variants never mix with the full method.
@@ -64,7 +66,7 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def runs_from_rows(rows: Iterable[dict], metrics_file: str = "results/metrics.json") -> pd.DataFrame:
+def runs_from_rows(rows: Iterable[dict], metrics_file: str = METRICS_FILE) -> pd.DataFrame:
     """One row per run and model (base, AHL): the run's params (dotted names), its setting, model and metrics.
 
     Skipped: the workspace row (it repeats a commit or the last experiment); an experiment that has not finished
