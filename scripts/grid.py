@@ -236,7 +236,7 @@ def run_cell(args) -> int:
                      ["git", "-C", str(work), "checkout", "-q", "--detach", commit]):  # fmt: skip
             if not _step(step, work, payload, index, name):
                 return 1
-    done, _ = done_on_remote(work, url, commit)
+    done, _ = done_on_remote(work, url, commit, {name})
     if name in done:
         print(f"{name}: already done (its ref on the git remote, its data in the DVC remote), nothing to do")
         record(payload, index, "done")

@@ -62,23 +62,31 @@ def missing_data(repo: Path, url: str, refs: dict[str, str]) -> dict[str, int]:
 
     out = {}
     with Repo(str(repo)) as dvc:
+        remote = dvc.cloud.get_remote_odb(None, "status")
         for name, sha in refs.items():
-            lacking = 0
+            lacking: set[str] = set()
             try:
                 for _ in dvc.brancher(revs=[sha], workspace=False):
+                    # every output's own object: a directory's .dir listing, which DVC uploads after its files
+                    # (DVC's used objects skip a directory whose listing this clone's cache lacks)
+                    for stage in dvc.index.stages:
+                        for o in stage.outs:
+                            if o.use_cache and o.hash_info and not remote.exists(o.hash_info.value):
+                                lacking.add(o.hash_info.value)
                     for odb, objs in dvc.index.used_objs(force=True, push=True).items():
                         if odb is None:  # this project's own outputs (not imports from other repositories)
                             status = dvc.cloud.status(objs)
-                            lacking += len(status.new) + len(status.missing)
+                            lacking |= {h.value for h in (*status.new, *status.missing)}
             except (DvcException, OSError) as exc:
                 raise UserError(f"cannot check {name}'s outputs against the DVC remote: {exc}") from None
-            out[name] = lacking
+            out[name] = len(lacking)
     return out
 
 
-def done_on_remote(repo: Path, url: str, commit: str) -> tuple[set[str], dict[str, int]]:
-    """(the done cells, {incomplete cell: outputs missing from the DVC remote}) of baseline ``commit``."""
-    refs = refs_on_remote(url, commit)
+def done_on_remote(repo: Path, url: str, commit: str, names: set[str]) -> tuple[set[str], dict[str, int]]:
+    """(the done cells, {incomplete cell: objects missing from the DVC remote}) among the experiments ``names``
+    of baseline ``commit`` (only those are checked: other grids' experiments of the commit are not this one's)."""
+    refs = {n: sha for n, sha in refs_on_remote(url, commit).items() if n in names}
     lacking = missing_data(repo, url, refs)
     return {n for n in refs if not lacking[n]}, {n: k for n, k in lacking.items() if k}
 
@@ -98,6 +106,8 @@ def squeue_states(job_ids: list[str]) -> tuple[dict[str, str], str | None]:
                                text=True, timeout=SQUEUE_TIMEOUT_S)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {}, f"no answer within {SQUEUE_TIMEOUT_S} s"
+    if found.returncode and "Invalid job id" in found.stderr:
+        return {}, None  # Slurm has forgotten the job (MinJobAge after it ended): none of its tasks is queued
     if found.returncode:
         why = (found.stderr.strip().splitlines() or [f"exit {found.returncode}"])[-1]
         return {}, f"exit {found.returncode}: {why}"
@@ -126,7 +136,7 @@ class Ledger:
     def states(self, cells: list[dict], url: str, commit: str) -> dict[str, tuple[str, str]]:
         """{cell: (done | incomplete | queued | running | failed | unknown | missing, detail)}: the remotes first,
         then Slurm's queue for the submissions of this commit, then the cells' own state files."""
-        done, incomplete = done_on_remote(self.repo, url, commit)
+        done, incomplete = done_on_remote(self.repo, url, commit, {c["name"] for c in cells})
         jobs = [j for j in self.jobs() if j["commit"] == commit]
         queue, unknown = squeue_states([j["job"] for j in jobs])
         where: dict[str, tuple[str, int]] = {}  # cell -> its latest (job, array index)
@@ -141,6 +151,7 @@ class Ledger:
             if slurm is None and job and queue.get(job, "").startswith(("PENDING", "RUNNING")):
                 slurm = queue[job]  # a pending array shows as one line <job>_[0-2]
             state = self.state(name)
+            failed = bool(state and state.get("state") == "failed" and state.get("commit") == commit)
             log = str(self.dir / "logs" / f"{job}_{index}.log") if job else ""
             if name in done:
                 out[name] = ("done", "its ref on the git remote, its data in the DVC remote")
@@ -148,13 +159,13 @@ class Ledger:
                 out[name] = ("queued", f"job {job}_{index}")
             elif slurm in ("RUNNING", "COMPLETING"):
                 out[name] = ("running", f"job {job}_{index}, log {log}")
-            elif name in incomplete:
-                out[name] = ("incomplete", f"its ref is on the git remote but {incomplete[name]} of its outputs are "
-                             f"not in the DVC remote: `dvc exp push {self.remote} {name}` where it ran, or submit "
-                             "runs it again")  # fmt: skip
-            elif job and unknown:
+            elif job and unknown:  # it may still run (its push may be under way): never resubmitted
                 out[name] = ("unknown", f"(squeue: {unknown}) job {job}_{index}, log {log}")
-            elif state and state.get("state") == "failed" and state.get("commit") == commit:
+            elif name in incomplete and not (failed and "exp push" not in str(state.get("step"))):
+                out[name] = ("incomplete", f"its ref is on the git remote but {incomplete[name]} of its output "
+                             f"objects are not in the DVC remote: `dvc exp push {self.remote} {name}` where it ran, "
+                             "or submit runs it again")  # fmt: skip
+            elif failed:
                 out[name] = ("failed", f"exit {state.get('exit')} on {state.get('host')}, log {state.get('log')}")
             elif job:  # Slurm no longer lists it, it did not finish and left no failure behind: killed
                 out[name] = ("failed", f"job {job}_{index} ended without pushing (killed?), log {log}")

@@ -189,3 +189,15 @@ def test_runaway_run_lengths_and_batches_are_one_line(section, key, high):
     with pytest.raises(UserError) as err:
         from_params(cls, {**raw[section], key: high * 10**8}, section)
     assert str(err.value).startswith(f"params.yaml: {section}.{key} = {high * 10**8} is above the limit of {high}")
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """`<<: *base` merges a mapping whose keys the merging one may override, as DVC reads it; a real duplicate
+    next to a merge is still refused."""
+    path = tmp_path / "p.yaml"
+    path.write_text("base: &b {lr: 1, epochs: 2}\nahl:\n  <<: *b\n  epochs: 3\nboth:\n  <<: [*b, {x: 1}]\n")
+    assert load_yaml(path) == {"base": {"lr": 1, "epochs": 2}, "ahl": {"lr": 1, "epochs": 3},
+                               "both": {"lr": 1, "epochs": 2, "x": 1}}  # fmt: skip
+    path.write_text("base: &b {lr: 1}\nahl:\n  <<: *b\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(UserError, match=r"key 'epochs' given twice \(lines 4 and 5\)"):
+        load_yaml(path)

@@ -246,6 +246,12 @@ def test_ahl_export_and_infer_commands(reproduced, tmp_path, monkeypatch, capsys
     from ahl.core.provenance import sha256_file
 
     assert meta["inputs"]["thresholds"] == sha256_file("models/thresholds.json")
+    # the tolerance measured on the run's own images (was: 8 images of noise only)
+    split = json.loads(Path("data/split.json").read_text())
+    n_run = min(32, len(split["validation"]) + len(split["test"]))
+    measured = meta["tolerance_measured"]
+    assert measured["images"] == f"{n_run} of data/split.json's validation and test images and 8 seeded noise images"
+    assert 0 <= measured["max_abs_difference"] < TOLERANCE <= meta["tolerance"]
     failures = [
         (["export", "--out", "data"], "--out data is a folder that holds other files"),
         (["export", "--base", str(tmp_path / "future.pt"), "--out", str(tmp_path / "f")], "is not a checkpoint of"),
@@ -297,3 +303,23 @@ def test_an_image_size_the_graph_cannot_resize_exactly_is_refused(runs, tmp_path
     assert "\n" not in str(caught.value) and not (tmp_path / "odd").exists()
     with pytest.raises(UserError, match="backbone.image_size = 65 is not a multiple of 2"):
         BackboneConfig(name="efficientnet_lite0", image_size=65, n_scales=2)
+
+
+def test_the_tolerance_is_measured_on_the_runs_own_images_only(runs, reproduced, tmp_path, monkeypatch):
+    """The run's split and images where `ahl export` runs; another split (another sha256 than the one the base
+    model records) is not the run's: then the noise images alone."""
+    from ahl.deploy.export import run_images
+
+    exported, _ = runs
+    scorer, _ = exported["dra", "ahl", "onnx"]
+    monkeypatch.chdir(reproduced[0].path)
+    images, what = run_images(scorer)
+    split = json.loads(Path("data/split.json").read_text())
+    n = min(32, len(split["validation"]) + len(split["test"]))
+    assert images.shape == (n, scorer.size, scorer.size, 3) and images.dtype == np.uint8
+    assert what == f"{n} of data/split.json's validation and test images"
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / "split.json").write_text(json.dumps(split) + "\n")  # the same samples, another file
+    monkeypatch.chdir(other)
+    assert run_images(scorer) is None

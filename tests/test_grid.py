@@ -260,3 +260,18 @@ def test_done_means_the_data_is_on_the_remote_a_partial_push_is_incomplete(lab, 
     status = _grid(lab, "status", "grid.yaml")
     line = next((x for x in status.stdout.splitlines() if x.startswith(name)), "")
     assert line.split()[1:2] == ["done"], status.stdout + status.stderr
+    grid = yaml.safe_load((lab.path / "grid.yaml").read_text()) | {"set": {"ahl.epochs": 1}}
+    (lab.path / "grid.yaml").write_text(yaml.safe_dump(grid))  # set: changed: new cells, the old one set apart
+    status = _grid(lab, "status", "grid.yaml").stdout
+    assert f"{name}  (another version of this grid" in status and name not in _names(lab), status
+    assert all(f"{n}  missing" in status for n in _names(lab)), status
+    # a directory output whose listing (.dir, uploaded after its files) is not in the DVC remote, asked from a
+    # clone whose cache lacks it too (the submitting clone is seldom where the cell ran): incomplete, not done
+    lab.git("checkout", "-q", "--", "grid.yaml")
+    listing = next(p for p in sorted((tmp_path / "not-a-folder").rglob("*.dir")))
+    listing.unlink()
+    for cached in (lab.path / ".dvc" / "cache").rglob(listing.name):
+        cached.unlink()
+    status = _grid(lab, "status", "grid.yaml")
+    line = next((x for x in status.stdout.splitlines() if x.startswith(name)), "")
+    assert line.split()[1:2] == ["incomplete"], status.stdout + status.stderr

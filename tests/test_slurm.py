@@ -83,6 +83,8 @@ def slurm():
                 "SelectTypeParameters=CR_Core",
                 "ReturnToService=2",
                 "MpiDefault=none",
+                "MinJobAge=2",  # slurmctld forgets an ended job after 2 s (default 300): squeue -j then says
+                # "Invalid job id", which status must read as "not queued", not as squeue failing
                 f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN",
                 "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             ]
@@ -228,6 +230,8 @@ def test_a_killed_cell_is_reported_failed_and_rerun_only_when_asked(slurm, tmp_p
     subprocess.run(["scancel", job], env=repo.env, check=True)
     _wait(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=repo.env, capture_output=True,
                                      text=True).stdout.strip(), 60, "scancel did not end the task")  # fmt: skip
+    _wait(lambda: "Invalid job id" in subprocess.run(["squeue", "-h", "-j", job], env=repo.env, capture_output=True,
+                                                     text=True).stderr, 120, "slurmctld kept the job")  # fmt: skip
     status = _grid(repo, repo.env, "status", "grid.yaml")
     print(status.stdout)
     assert f"{cell['name']}  failed     job " in status.stdout and "ended without pushing" in status.stdout, status.stdout

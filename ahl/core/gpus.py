@@ -45,11 +45,12 @@ def lock_dir() -> Path:
         return folder
     folder = Path(shared)
     if not folder.is_dir():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
+        try:  # the folder only, in a parent that exists: parents made here would take this user's umask
+            folder.mkdir(exist_ok=True)
         except OSError as exc:
             raise UserError(f"AHL_GPU_LOCKS={shared}: cannot create the folder ({exc.strerror}); create it once "
-                            f"for the group: mkdir -p {shared} && chmod 3775 {shared}") from None  # fmt: skip
+                            f"for the group: mkdir -p {shared} && chgrp GROUP {shared} && chmod 3775 {shared}"
+                            ) from None  # fmt: skip
         if folder.stat().st_uid == os.getuid():
             os.chmod(folder, SHARED_DIR_MODE)  # not the umask's choice: every user of the group takes locks here
     return folder

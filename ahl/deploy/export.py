@@ -26,8 +26,10 @@ from ahl import __version__
 from ahl.core import provenance
 from ahl.core.console import setup_logging
 from ahl.core.errors import UserError
-from ahl.core.io import atomic_dir, write_json
-from ahl.core.layout import AHL, BASE, THRESHOLDS
+from ahl.core.io import atomic_dir, read_json, write_json
+from ahl.core.layout import AHL, BASE, DATA, SPLIT, THRESHOLDS
+from ahl.data.mvtec import load_images
+from ahl.data.protocol import Split
 from ahl.deploy.exported import FORMAT_VERSION, METADATA, MODEL_FILES, OUTPUTS, load_exported
 from ahl.deploy.files import optional_input
 from ahl.evaluation.decision import DECISION, tolerance_for
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 CHECK_IMAGES = 8  # seeded images the export is scored on, by torch and by its runtime, to measure its tolerance
+RUN_IMAGES = 32  # at most this many of the run's own validation and test images, scored too
 
 
 class ExportedScorer(torch.nn.Module):
@@ -117,11 +120,14 @@ def metadata_of(scorer: Scorer, model: str, fmt: str, checkpoints: dict) -> dict
 
 
 def export(
-    scorer: Scorer, out: str | Path, *, fmt: str = "onnx", model: str | None = None, checkpoints: dict | None = None
-) -> Path:
+    scorer: Scorer, out: str | Path, *, fmt: str = "onnx", model: str | None = None, checkpoints: dict | None = None,
+    images: tuple[np.ndarray, str] | None = None,
+) -> Path:  # fmt: skip
     """Write ``out/model.onnx`` (or model.xml + model.bin) and ``out/metadata.json`` atomically, as one folder, for
     ``model`` (default: AHL when trained, else the base model); ``checkpoints``: {name: path} of the files the
-    run was loaded from (base, ahl, thresholds), whose sha256 the metadata records. Returns the model file."""
+    run was loaded from (base, ahl, thresholds), whose sha256 the metadata records; ``images``: (uint8 images,
+    what they are) scored by torch and the runtime, with seeded noise, to measure the export's tolerance
+    (``run_images`` gives the run's own). Returns the model file."""
     if fmt not in MODEL_FILES:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(MODEL_FILES)}")
     model = model or scorer.models[-1]
@@ -143,19 +149,42 @@ def export(
         floor = tolerance_for(scorer.feature_dtype_of(model))
         metadata["tolerance"], metadata["tolerance_measured"] = floor, None
         write_json(tmp / METADATA, metadata)
-        measured = _measure(scorer, model, tmp, floor)
+        rng = np.random.default_rng(0)
+        noise = rng.integers(0, 256, (CHECK_IMAGES, scorer.size, scorer.size, 3), dtype=np.uint8)
+        check, what = (np.concatenate([images[0], noise]), f"{images[1]} and {CHECK_IMAGES} seeded noise images"
+                       ) if images is not None and len(images[0]) else (noise, f"{CHECK_IMAGES} seeded noise images")  # fmt: skip
+        measured = _measure(scorer, model, tmp, floor, check)
         if measured is not None:
             metadata["tolerance"] = max(floor, 2 * measured)
-            metadata["tolerance_measured"] = {"max_abs_difference": measured, "images": f"{CHECK_IMAGES} seeded noise",
+            metadata["tolerance_measured"] = {"max_abs_difference": measured, "images": what,
                                               "runtime": _version("onnxruntime" if fmt == "onnx" else "openvino")}  # fmt: skip
             write_json(tmp / METADATA, metadata)
     log.info("exported %s (%s) to %s", scorer.names[model], fmt, out)
     return out / MODEL_FILES[fmt][0]
 
 
-def _measure(scorer: Scorer, model: str, folder: Path, floor: float) -> float | None:
+def run_images(scorer: Scorer, limit: int = RUN_IMAGES) -> tuple[np.ndarray, str] | None:
+    """Up to ``limit`` of the run's own validation and test images (data/split.json of the project in the working
+    directory, spread over the list so that normals and anomalies are both in), at the run's size: what a line
+    will see, for the export to measure its tolerance on. None when the project holds no split, not the split the
+    base model was trained on (its checkpoint records the split's sha256), or not its images."""
+    if not Path(SPLIT).is_file() or provenance.sha256_file(SPLIT) != scorer.base.meta.get("inputs", {}).get("split"):
+        return None
+    try:
+        split = Split.from_dict(read_json(SPLIT))
+    except (UserError, ValueError, KeyError, TypeError):
+        return None
+    files = [s.file for s in [*split.validation, *split.test]]
+    root = Path(DATA) / split.classname
+    if not files or not all((root / f).is_file() for f in files):
+        return None
+    files = [files[k] for k in sorted(set(np.linspace(0, len(files) - 1, min(limit, len(files))).astype(int)))]
+    return load_images(root, files, scorer.size), f"{len(files)} of {SPLIT}'s validation and test images"
+
+
+def _measure(scorer: Scorer, model: str, folder: Path, floor: float, images: np.ndarray) -> float | None:
     """The largest |score difference| between the scorer (float32, CPU) and the export on its runtime, over
-    seeded images; a runtime that computes the graph otherwise than torch fails the export here. None (the
+    ``images``; a runtime that computes the graph otherwise than torch fails the export here. None (the
     tolerance stays ``floor``) when the scorer computes otherwise (bfloat16, a GPU) or the runtime is not
     installed here."""
     if scorer.runtime.describe()["device"] != "cpu" or scorer.runtime.dtype is not None:
@@ -166,13 +195,12 @@ def _measure(scorer: Scorer, model: str, folder: Path, floor: float) -> float | 
     except UserError as exc:
         log.warning("the export's tolerance was not measured (%s)", exc)
         return None
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (CHECK_IMAGES, scorer.size, scorer.size, 3), dtype=np.uint8)
     lab = scorer.score_images(images, CHECK_IMAGES, [model]).final[model]
     measured = float(np.abs(lab.astype(np.float64) - line.score(images)["score"]).max())
     if measured > 10 * floor:
-        raise UserError(f"the exported model's scores differ from the lab's by up to {measured:.3g} on seeded test "
-                        f"images (more than 10 x {floor:g}): this runtime does not compute the graph as torch does")  # fmt: skip
+        raise UserError(f"the exported model's scores differ from the lab's by up to {measured:.3g} on "
+                        f"{len(images)} test images (more than 10 x {floor:g}): this runtime does not compute the "
+                        "graph as torch does")  # fmt: skip
     return measured
 
 
@@ -218,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         thresholds = optional_input(args.thresholds, THRESHOLDS, "--thresholds")
         files = {"base": args.base} | ({"ahl": ahl} if ahl else {}) | ({"thresholds": thresholds} if thresholds else {})
         scorer = Scorer.load(args.base, ahl, thresholds=thresholds)
-        path = export(scorer, args.out, fmt=args.format, model=args.model, checkpoints=files)
+        path = export(scorer, args.out, fmt=args.format, model=args.model, checkpoints=files,
+                      images=run_images(scorer))  # fmt: skip
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
