@@ -10,7 +10,7 @@ import hashlib
 import http.server
 import io
 import logging
-import os
+import random
 import socket
 import stat
 import tarfile
@@ -28,7 +28,7 @@ from ahl.data.download import obtain
 from ahl.data.fetch import fetch, sha256_file
 from ahl.data.registry import Source
 
-PAYLOAD = os.urandom(3 * fetching.CHUNK + 12345)  # several chunks, so a cut lands mid-file
+PAYLOAD = random.Random(0).randbytes(3 * fetching.CHUNK + 12345)  # several chunks, so a cut lands mid-file
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -206,12 +206,13 @@ def test_existing_dest_is_verified_on_every_use(server: Server, tmp_path: Path) 
     fetch(url, dest, sha256=PAYLOAD_SHA, progress=False)  # present and good: no new request
     assert len(server.requests) == 1
 
-    dest.write_bytes(PAYLOAD[:-1] + b"!")
+    edited = PAYLOAD[:-1] + bytes([PAYLOAD[-1] ^ 0xFF])  # same size, last byte changed (never equal to it)
+    dest.write_bytes(edited)
     with pytest.raises(UserError, match="does not match") as err:
         fetch(url, dest, sha256=PAYLOAD_SHA, progress=False)
     assert str(dest) in str(err.value)
     assert len(server.requests) == 1  # a user's file is never downloaded over
-    assert dest.read_bytes().endswith(b"!")
+    assert dest.read_bytes() == edited
 
 
 # ----------------------------------------------------------------------------------------------- archives
