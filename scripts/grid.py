@@ -157,7 +157,7 @@ def status(args) -> int:
     for cell in cells:
         state, detail = states[cell["name"]]
         print(f"{cell['name']:<{width}}  {state:<10} {detail}")
-    for name in ledger.others(cells, url, commit, grid["name"]):
+    for name in ledger.others(cells, grid["name"]):
         print(f"{name:<{width}}  (another version of this grid: its params are none of these cells')")
     counts = [f"{sum(1 for s, _ in states.values() if s == k)} {k}" for k in STATES]
     print(f"commit {commit[:10]}: " + ", ".join(counts))

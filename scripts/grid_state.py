@@ -83,10 +83,13 @@ def missing_data(repo: Path, url: str, refs: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def done_on_remote(repo: Path, url: str, commit: str, names: set[str]) -> tuple[set[str], dict[str, int]]:
+def done_on_remote(
+    repo: Path, url: str, commit: str, names: set[str], refs: dict[str, str] | None = None
+) -> tuple[set[str], dict[str, int]]:
     """(the done cells, {incomplete cell: objects missing from the DVC remote}) among the experiments ``names``
-    of baseline ``commit`` (only those are checked: other grids' experiments of the commit are not this one's)."""
-    refs = {n: sha for n, sha in refs_on_remote(url, commit).items() if n in names}
+    of baseline ``commit`` (only those are checked: other grids' experiments of the commit are not this one's);
+    ``refs``: refs_on_remote's answer when the caller has it already."""
+    refs = {n: sha for n, sha in (refs if refs is not None else refs_on_remote(url, commit)).items() if n in names}
     lacking = missing_data(repo, url, refs)
     return {n for n in refs if not lacking[n]}, {n: k for n, k in lacking.items() if k}
 
@@ -119,7 +122,7 @@ def squeue_states(job_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 class Ledger:
     def __init__(self, repo: Path, name: str, remote: str = "origin"):
-        self.repo, self.remote = repo, remote
+        self.repo, self.remote, self.refs = repo, remote, {}
         self.dir = repo / ".grid" / name
         self.jobs_file = self.dir / "jobs.json"
 
@@ -136,7 +139,8 @@ class Ledger:
     def states(self, cells: list[dict], url: str, commit: str) -> dict[str, tuple[str, str]]:
         """{cell: (done | incomplete | queued | running | failed | unknown | missing, detail)}: the remotes first,
         then Slurm's queue for the submissions of this commit, then the cells' own state files."""
-        done, incomplete = done_on_remote(self.repo, url, commit, {c["name"] for c in cells})
+        self.refs = refs_on_remote(url, commit)  # others() reads them too: one ls-remote per status
+        done, incomplete = done_on_remote(self.repo, url, commit, {c["name"] for c in cells}, self.refs)
         jobs = [j for j in self.jobs() if j["commit"] == commit]
         queue, unknown = squeue_states([j["job"] for j in jobs])
         where: dict[str, tuple[str, int]] = {}  # cell -> its latest (job, array index)
@@ -173,8 +177,8 @@ class Ledger:
                 out[name] = ("missing", "never submitted for this commit")
         return out
 
-    def others(self, cells: list[dict], url: str, commit: str, prefix: str) -> list[str]:
-        """Experiments of this grid's name on the git remote for ``commit`` that are none of its cells: made by
-        another version of the grid file (other params, so another name)."""
+    def others(self, cells: list[dict], prefix: str) -> list[str]:
+        """Experiments of this grid's name on the git remote for the commit ``states`` read that are none of its
+        cells: made by another version of the grid file (other params, so another name)."""
         names = {c["name"] for c in cells}
-        return sorted(n for n in refs_on_remote(url, commit) if n.startswith(f"{prefix}-") and n not in names)
+        return sorted(n for n in self.refs if n.startswith(f"{prefix}-") and n not in names)

@@ -171,6 +171,11 @@ def _submitted(lab, cells: list[str]) -> None:
     (ledger / "jobs.json").write_text(json.dumps([{"job": "4242", "commit": commit, "script": "x", "cells": cells}]))
 
 
+def _line(status: str, name: str) -> str:
+    """Cell ``name``'s line of `grid.py status`, or "" when it has none."""
+    return next((x for x in status.splitlines() if x.startswith(name)), "")
+
+
 def _names(lab) -> list[str]:
     return [c["name"] for c in G.expand(G.load_grid(lab.path / "grid.yaml", []))]
 
@@ -252,13 +257,13 @@ def test_done_means_the_data_is_on_the_remote_a_partial_push_is_incomplete(lab, 
     blocked.unlink()  # the remote works again (an empty one): its data never arrived
     lab.git("checkout", "-q", "--", ".")  # the workspace back at the commit (exp run left the cell's params)
     status = _grid(lab, "status", "grid.yaml")
-    line = next((x for x in status.stdout.splitlines() if x.startswith(name)), "")
+    line = _line(status.stdout, name)
     assert line.split()[1:2] == ["incomplete"] and f"`dvc exp push origin {name}`" in line, status.stdout + status.stderr
     again = _grid(lab, "submit", "grid.yaml", "--print")
     assert "2 cell(s) to run" in again.stdout, again.stdout + again.stderr  # the incomplete one is run again
     lab.dvc("exp", "push", "origin", name)  # the repair
     status = _grid(lab, "status", "grid.yaml")
-    line = next((x for x in status.stdout.splitlines() if x.startswith(name)), "")
+    line = _line(status.stdout, name)
     assert line.split()[1:2] == ["done"], status.stdout + status.stderr
     grid = yaml.safe_load((lab.path / "grid.yaml").read_text()) | {"set": {"ahl.epochs": 1}}
     (lab.path / "grid.yaml").write_text(yaml.safe_dump(grid))  # set: changed: new cells, the old one set apart
@@ -273,5 +278,5 @@ def test_done_means_the_data_is_on_the_remote_a_partial_push_is_incomplete(lab, 
     for cached in (lab.path / ".dvc" / "cache").rglob(listing.name):
         cached.unlink()
     status = _grid(lab, "status", "grid.yaml")
-    line = next((x for x in status.stdout.splitlines() if x.startswith(name)), "")
+    line = _line(status.stdout, name)
     assert line.split()[1:2] == ["incomplete"], status.stdout + status.stderr

@@ -133,27 +133,40 @@ def _grid(repo: Repo, env: dict, *args: str) -> subprocess.CompletedProcess:
                           text=True)  # fmt: skip
 
 
-def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path):
-    env = {**slurm, "DVC_NO_ANALYTICS": "1"}
+def _lab(slurm: dict, tmp_path: Path, grid: dict) -> Repo:
+    """The tiny project with ``grid`` committed and pushed to a bare git remote, and a DVC remote in a folder, as a
+    team sets them up once (README "Scale"); its env points sbatch and squeue at ``slurm``."""
     repo = Repo(tmp_path / "lab", tiny_params())
-    repo.env = {**repo.env, **env}
-    origin, dvc_remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    repo.env = {**repo.env, **slurm, "DVC_NO_ANALYTICS": "1"}
+    origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    repo.dvc("remote", "add", "-d", "shared", str(dvc_remote))  # once per team, committed (README "Scale")
-    grid = {"name": "t3", "grid": {"seed": [0, 1, -1]}, "slurm": {"cpus_per_task": 1}, "workdir": str(tmp_path / "w")}
+    repo.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
     (repo.path / "grid.yaml").write_text(yaml.safe_dump(grid))
     repo.git("add", "-A")
     repo.git("commit", "-qm", "the grid")
     repo.git("remote", "add", "origin", str(origin))
     repo.git("push", "-q", "origin", "HEAD:refs/heads/main")
     subprocess.run(["git", "symbolic-ref", "HEAD", "refs/heads/main"], cwd=origin, check=True)
+    return repo
 
-    started = time.monotonic()
+
+def _submit(repo: Repo) -> tuple[str, str]:
+    """`grid.py submit`: (its output, the job id sbatch gave)."""
     submitted = _grid(repo, repo.env, "submit", "grid.yaml")
     assert submitted.returncode == 0, submitted.stderr
-    assert "submitted job" in submitted.stdout and "3 cell(s)" in submitted.stdout, submitted.stdout
-    job = submitted.stdout.split("submitted job ")[1].split(":")[0]
-    print(submitted.stdout)
+    return submitted.stdout, submitted.stdout.split("submitted job ")[1].split(":")[0]
+
+
+def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path):
+    env = {**slurm, "DVC_NO_ANALYTICS": "1"}
+    grid = {"name": "t3", "grid": {"seed": [0, 1, -1]}, "slurm": {"cpus_per_task": 1}, "workdir": str(tmp_path / "w")}
+    repo = _lab(slurm, tmp_path, grid)
+    origin = tmp_path / "origin.git"
+
+    started = time.monotonic()
+    out, job = _submit(repo)
+    assert "submitted job" in out and "3 cell(s)" in out, out
+    print(out)
     seen = set()
 
     def finished() -> bool:
@@ -210,19 +223,8 @@ def test_a_grid_of_three_cells_on_slurm_one_bad_then_resubmitted(slurm, tmp_path
 def test_a_killed_cell_is_reported_failed_and_rerun_only_when_asked(slurm, tmp_path):
     """A task killed mid-run (scancel: what a dying node looks like to the scheduler) left no result behind: status
     names it failed with its log; submit skips it until --retry-failed."""
-    repo = Repo(tmp_path / "lab", tiny_params())
-    repo.env = {**repo.env, **slurm, "DVC_NO_ANALYTICS": "1"}
-    origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    repo.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
-    (repo.path / "grid.yaml").write_text(yaml.safe_dump({"name": "k", "grid": {"seed": [5]}, "workdir": str(tmp_path)}))
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "the grid")
-    repo.git("remote", "add", "origin", str(origin))
-    repo.git("push", "-q", "origin", "HEAD:refs/heads/main")
-    submitted = _grid(repo, repo.env, "submit", "grid.yaml")
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.split("submitted job ")[1].split(":")[0]
+    repo = _lab(slurm, tmp_path, {"name": "k", "grid": {"seed": [5]}, "workdir": str(tmp_path)})
+    _, job = _submit(repo)
     (cell,) = G.expand(G.load_grid(repo.path / "grid.yaml", []))
     state = repo.path / f".grid/k/state/{cell['name']}.json"
     _wait(lambda: state.is_file(), 120, "the cell did not start")
@@ -244,21 +246,10 @@ def test_cells_that_differ_in_an_ahl_param_share_the_stages_before_it_through_dv
     """Three cells of one class and seed that differ only in ahl.epochs, one after the other (max_parallel 1): the
     first runs every stage; the second and third restore download, convert, train_base and features from DVC's
     run cache on the DVC remote (their logs say so) and run the stages after them."""
-    repo = Repo(tmp_path / "lab", tiny_params())
-    repo.env = {**repo.env, **slurm, "DVC_NO_ANALYTICS": "1"}
-    origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    repo.dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"))
     grid = {"name": "rc", "grid": {"ahl.epochs": [1, 2, 3]}, "set": {"seed": 0},
             "slurm": {"cpus_per_task": 1, "max_parallel": 1}, "workdir": str(tmp_path / "w")}  # fmt: skip
-    (repo.path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "the grid")
-    repo.git("remote", "add", "origin", str(origin))
-    repo.git("push", "-q", "origin", "HEAD:refs/heads/main")
-    submitted = _grid(repo, repo.env, "submit", "grid.yaml")
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.split("submitted job ")[1].split(":")[0]
+    repo = _lab(slurm, tmp_path, grid)
+    _, job = _submit(repo)
     _wait(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=repo.env, capture_output=True,
                                      text=True).stdout.strip(), 1800, "the array did not finish")  # fmt: skip
     status = _grid(repo, repo.env, "status", "grid.yaml")

@@ -98,8 +98,8 @@ def merge_runs(saved: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
     table rebuilds from it where the experiments are gone (another machine, a fresh clone)."""
     if saved.empty or live.empty:
         return live if saved.empty else saved
-    kept = saved.merge(live[["run", "model"]].drop_duplicates(), on=["run", "model"], how="left", indicator=True)
-    kept = saved[(kept["_merge"] == "left_only").to_numpy()]
+    held = pd.MultiIndex.from_frame(live[["run", "model"]])
+    kept = saved[~pd.MultiIndex.from_frame(saved[["run", "model"]]).isin(held)]
     return pd.concat([kept, live], ignore_index=True).sort_values(["run", "model"], ignore_index=True)
 
 
