@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -19,6 +22,8 @@ if str(ROOT) not in sys.path:  # `python stages/x.py` puts stages/ on the path, 
 from ahl.core.config import check_keys, from_params, load_yaml, path_component  # noqa: E402
 from ahl.core.console import setup_logging  # noqa: E402
 from ahl.core.errors import UserError  # noqa: E402
+from ahl.core.io import write_json  # noqa: E402
+from ahl.core.layout import UNCOSTED, cost  # noqa: E402
 
 log = logging.getLogger("stage")
 T = TypeVar("T")
@@ -86,8 +91,20 @@ def run(main: Callable[[Params], None], description: str) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args()
     setup_logging(args.verbose)
+    start = time.perf_counter()
     try:
         main(Params(load_yaml(args.params), args.params))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    stage = Path(sys.argv[0]).stem
+    if stage not in UNCOSTED and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0's process
+        write_json(ROOT / cost(stage), spent(start))
+
+
+def spent(start: float) -> dict[str, float]:
+    """The CPU seconds (user + system) of this process and of the children it waited for, and the wall seconds
+    since ``start``; what a stage records in its cost file (ahl/core/layout.py, COST_DIR)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return {"cpu_s": round(cpu, 1), "wall_s": round(time.perf_counter() - start, 1)}

@@ -70,6 +70,10 @@ def test_repro_runs_every_stage_then_nothing(reproduced, repo):
     for key in ("base", "ahl"):  # the demo has masks: pixel metrics of both models' heatmaps
         assert 0.0 <= metrics[key]["pixel_auc_roc"] <= 1.0 and 0.0 <= metrics[key]["pixel_aupro"] <= 1.0
     check_report(repo.path / "results/report.html")
+    costs = {f.stem: json.loads(f.read_text()) for f in (repo.path / "results/cost").glob("*.json")}
+    assert set(costs) == repo.ran(first) - {"local_manifest"}  # every stage's CPU and wall seconds, as metrics
+    assert all(c["cpu_s"] > 0 and c["wall_s"] >= 0 for c in costs.values()), costs  # imports alone take CPU
+    assert "results/cost/train_base.json" in repo.dvc("metrics", "show").stdout
     assert '"fpr"' in json.dumps(shown["ROC"]) and '"test_auc_roc"' in json.dumps(shown["AHL test AUC-ROC per epoch"])
     # local_manifest hashes data.local (outside DVC) on every repro; its output, and so everything else, is unchanged
     second = repo.dvc("repro")
@@ -187,7 +191,7 @@ def test_the_table_pairs_ahl_with_its_base_model_per_seed(repo, tmp_path):
     base of the same run per seed, as computed here from each run's metrics."""
     # the workspace holds what earlier tests set (classname=grass, ahl.weighting=uniform): the commit's params again
     repo.dvc("exp", "run", "-n", "seed1", "-S", "seed=1", "-S", "classname=brick", "-S", "ahl.weighting=psi")
-    per_seed = {}
+    per_seed, cpu = {}, {}
     for commit in json.loads(repo.dvc("exp", "show", "--json").stdout):
         for rev in [commit, *(r for e in commit.get("experiments") or [] for r in e.get("revs") or [])]:
             data = rev.get("data") or {}
@@ -195,6 +199,8 @@ def test_the_table_pairs_ahl_with_its_base_model_per_seed(repo, tmp_path):
             metrics = ((data.get("metrics") or {}).get("results/metrics.json") or {}).get("data") or {}
             if params.get("classname") == "brick" and params["ahl"]["weighting"] == "psi" and "ahl" in metrics:
                 per_seed.setdefault(params["seed"], metrics["ahl"]["auc_roc"] - metrics["base"]["auc_roc"])
+                cost = [f["data"]["cpu_s"] for name, f in data["metrics"].items() if name.startswith("results/cost/")]
+                cpu.setdefault(params["seed"], sum(cost) / 3600)
     assert sorted(per_seed) == [0, 1]
     out = tmp_path / "table.csv"
     repo.run(sys.executable, "scripts/table.py", "--csv", str(out))
@@ -204,6 +210,7 @@ def test_the_table_pairs_ahl_with_its_base_model_per_seed(repo, tmp_path):
     edges = list(per_seed.values())
     assert row["edge_mean"] == pytest.approx(np.mean(edges)) and row["edge_std"] == pytest.approx(np.std(edges))
     assert row["edge_wins"] == sum(e > 0 for e in edges) and row["edge_count"] == 2
+    assert row["cpu_h"] == pytest.approx(np.mean(list(cpu.values()))) and all(c > 0 for c in cpu.values())
 
 
 def test_bad_classname_is_one_line_and_leaves_nothing(repo):
@@ -286,12 +293,15 @@ def test_a_stage_run_by_hand_on_another_split_is_refused(repo, tmp_path):
     other = tmp_path / "params.yaml"
     other.write_text(yaml.safe_dump(tiny_params({"protocol": {"n_anomalies": 1, "test_set_m": 2}})))
     before = (repo.path / "results/metrics.json").read_text()
+    split = (repo.path / "data/split.json").read_text()
     assert repo.run(sys.executable, "stages/split.py", "--params", str(other)).returncode == 0
     res = repo.run(sys.executable, "stages/evaluate.py", "--params", str(other), check=False)
     assert res.returncode == 2
     assert "error: models/base.pt was made from another " in res.stderr and "dvc repro" in res.stderr
     assert (repo.path / "results/metrics.json").read_text() == before
-    assert repo.ran(repo.dvc("repro").stdout) == {"local_manifest", "split"}  # the split comes back, nothing else
+    again = repo.dvc("repro").stdout  # the split comes back from DVC's cache (a cached output now), nothing runs
+    assert repo.ran(again) == {"local_manifest"} and "Stage 'split' is cached - skipping run" in again, again
+    assert (repo.path / "data/split.json").read_text() == split
 
 
 def test_editing_the_data_local_folder_reruns_its_checks_and_download_and_nothing_else_does(tmp_path_factory):

@@ -108,3 +108,22 @@ def test_a_committed_runs_file_and_the_experiments_make_one_table(tmp_path):
     assert table[table["model"] == "DRA"].iloc[0]["auc_roc_mean"] == pytest.approx((0.80 + 0.90 + 0.60) / 3)
     assert table[table["model"] == "AHL(DRA)"].iloc[0]["edge_mean"] == pytest.approx(0.01)
     assert merge_runs(saved.iloc[0:0], later).equals(later) and merge_runs(saved, later.iloc[0:0]).equals(saved)
+
+
+def test_cpu_hours_per_run_sum_every_stages_cost_file():
+    """A run's cpu_h is the sum of its stages' cost files (results/cost/<stage>.json:cpu_s), the group's the mean
+    over its seeds; the cost files are no params and a run without them has none. By hand: seed 0 spent
+    1800 + 5400 s = 2.0 h, seed 1 3600 + 3600 s = 2.0 h, seed 2 720 + 0 s = 0.2 h: mean 1.4 h (seed 3 recorded
+    no cost)."""
+    rows = [_row(None, "r0", 0, 0.80), _row("e1", "e1", 1, 0.90), _row("e2", "e2", 2, 0.70), _row("e3", "e3", 3, 0.6)]
+    for row, (base, ahl) in zip(rows, ((1800.0, 5400.0), (3600.0, 3600.0), (720.0, 0.0))):
+        row.update({"results/cost/train_base.json:cpu_s": base, "results/cost/train_base.json:wall_s": base / 2,
+                    "results/cost/train_ahl.json:cpu_s": ahl, "results/cost/train_ahl.json:wall_s": "-"})  # fmt: skip
+    runs = runs_from_rows(rows)
+    assert not [c for c in runs.columns if "cost" in c or c in ("cpu_s", "wall_s")]
+    assert runs.groupby("run")["cpu_h"].first().dropna().to_dict() == pytest.approx({"r0": 2.0, "e1": 2.0, "e2": 0.2})
+    assert runs[runs["run"] == "e3"]["cpu_h"].isna().all()
+    table = aggregate(runs)
+    assert table[table["model"] == "DRA"].iloc[0]["cpu_h"] == pytest.approx(1.4)
+    assert format_table(table).splitlines()[0].endswith("| AHL - base (paired) | CPU h per run |")
+    assert "| 1.40 |" in format_table(table)

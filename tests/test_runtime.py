@@ -167,12 +167,14 @@ def test_describe_records_the_process_wide_switches_that_change_scores():
     try:
         matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = True, True, True
         cpu = Runtime(torch.device("cpu")).describe()
-        assert {k: cpu[k] for k in ("device", "dtype", "tf32", "cudnn_benchmark")} == {
-            "device": "cpu", "dtype": "float32", "tf32": False, "cudnn_benchmark": False}  # fmt: skip
+        assert {k: cpu[k] for k in ("device", "dtype", "tf32_matmul", "tf32_cudnn", "cudnn_benchmark")} == {
+            "device": "cpu", "dtype": "float32", "tf32_matmul": False, "tf32_cudnn": False,
+            "cudnn_benchmark": False}  # fmt: skip
         assert cpu["deterministic"] is torch.are_deterministic_algorithms_enabled()
         cuda = Runtime(torch.device("cuda", 0)).describe()  # describing touches no GPU
-        assert cuda["tf32"] is True and cuda["cudnn_benchmark"] is True
-        matmul.allow_tf32 = False
-        assert Runtime(torch.device("cuda", 0)).describe()["tf32"] is False
+        assert cuda["tf32_matmul"] is cuda["tf32_cudnn"] is cuda["cudnn_benchmark"] is True
+        matmul.allow_tf32 = False  # each switch on its own: TF32 convolutions with float32 matmuls
+        assert {k: Runtime(torch.device("cuda", 0)).describe()[k] for k in ("tf32_matmul", "tf32_cudnn")} == {
+            "tf32_matmul": False, "tf32_cudnn": True}  # fmt: skip
     finally:
         matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved

@@ -244,8 +244,9 @@ def test_a_killed_cell_is_reported_failed_and_rerun_only_when_asked(slurm, tmp_p
 
 def test_cells_that_differ_in_an_ahl_param_share_the_stages_before_it_through_dvcs_run_cache(slurm, tmp_path):
     """Three cells of one class and seed that differ only in ahl.epochs, one after the other (max_parallel 1): the
-    first runs every stage; the second and third restore download, convert, train_base and features from DVC's
-    run cache on the DVC remote (their logs say so) and run the stages after them."""
+    first runs every stage; the second and third restore download, convert, split, train_base and features from
+    DVC's run cache on the DVC remote (their logs say so) and run selection (which reads every param) and the
+    stages after features."""
     grid = {"name": "rc", "grid": {"ahl.epochs": [1, 2, 3]}, "set": {"seed": 0},
             "slurm": {"cpus_per_task": 1, "max_parallel": 1}, "workdir": str(tmp_path / "w")}  # fmt: skip
     repo = _lab(slurm, tmp_path, grid)
@@ -264,8 +265,8 @@ def test_cells_that_differ_in_an_ahl_param_share_the_stages_before_it_through_dv
         seconds.append(float(log.rsplit("cell took ", 1)[1].split(" s")[0]))
         print(f"cell {index}: ran {sorted(ran[-1])}, from the run cache {sorted(cached[-1])}, {seconds[-1]:.0f} s")
     assert ran[0] == set(stages) and cached[0] == set()
-    # selection and split write files git keeps (cache: false), which DVC's run cache does not hold: they run
-    # again (in seconds) and write the same files, so the stages after them match the run cache
+    # selection checks every param (ahl's too), so its inputs differ and it runs again, writing the same file; split
+    # on (its output now cached: was cache: false, which the run cache cannot restore in another clone) is restored
     for index in (1, 2):
-        assert cached[index] == {"download", "convert", "train_base", "features"}, (ran, cached)
-        assert ran[index] == {"selection", "split", "train_ahl", "calibrate", "evaluate"}, (ran, cached)
+        assert cached[index] == {"download", "convert", "split", "train_base", "features"}, (ran, cached)
+        assert ran[index] == {"selection", "train_ahl", "calibrate", "evaluate"}, (ran, cached)

@@ -151,7 +151,7 @@ def test_stage_paths_are_declared_in_dvc_yaml():
     some stage's out."""
     from ahl.core import layout
 
-    paths = {k: v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+    paths = {k: v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str) and k != "COST_DIR"}
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     every_out = set()
     for name, script in stage_scripts(dvc_yaml).items():
@@ -174,6 +174,12 @@ def test_stage_paths_are_declared_in_dvc_yaml():
                     if isinstance(v, ast.Constant) and isinstance(v.value, str) and "/" in v.value and " " not in v.value:
                         assert v.value in declared, f"stage {name}: {v.value} is not a dep or out in dvc.yaml"
     assert set(paths.values()) - every_out == set(), "a path of ahl/core/layout.py that no stage makes"
+    for name, stage in dvc_yaml["stages"].items():  # the cost file stages/common.py writes: a metric DVC caches
+        metrics = [m if isinstance(m, str) else {next(iter(m)): m[next(iter(m))]} for m in stage.get("metrics", [])]
+        if name in layout.UNCOSTED:
+            assert not any(str(m).startswith(layout.COST_DIR) for m in metrics), name
+        else:
+            assert layout.cost(name) in metrics, f"stage {name}: metrics lacks {layout.cost(name)}"
 
 
 def _graph() -> dict[str, set[str]]:

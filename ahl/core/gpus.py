@@ -191,12 +191,8 @@ def busy(ids: list[str], folder: Path) -> list[str]:
     so a run scanning meanwhile sees a probe, not a hold."""
     out = []
     for gpu_id in ids:
-        fd = _open(folder, gpu_id)
-        try:
-            if _flock(fd, fcntl.LOCK_SH):
-                continue
-        finally:
-            os.close(fd)
+        if not _held_by_a_run(folder, gpu_id):
+            continue
         try:
             pid = (folder / f"gpu-{gpu_id}.lock").read_text().strip() or "?"
         except OSError:

@@ -16,3 +16,14 @@ METRICS = "results/metrics.json"  # the test metrics (stage evaluate)
 SCORES = "results/scores.csv"  # every test image's scores
 PLOTS = "results/evaluation"  # evaluate's plots
 REPORT = "results/report.html"  # evaluate's report
+# What each stage cost to run (cpu_s: user + system seconds of the stage's process and the children it waited
+# for; wall_s), one metrics file per stage, written by stages/common.py when the stage succeeds. A stage restored
+# from DVC's run cache brings the cost of the run that made its outputs. local_manifest has none: it runs on
+# every `dvc repro` (always_changed) and a new file each time would change dvc.lock each time.
+COST_DIR = "results/cost"
+UNCOSTED = ("local_manifest",)
+
+
+def cost(stage: str) -> str:
+    """The metrics file of ``stage``'s cost (see COST_DIR)."""
+    return f"{COST_DIR}/{stage}.json"

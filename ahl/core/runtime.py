@@ -95,7 +95,8 @@ class Runtime:
         return {
             "device": str(self.device), "dtype": str(self.dtype or torch.float32).removeprefix("torch."),
             "channels_last": self.channels_last, "compile": self.compile,
-            "tf32": cuda and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32,
             "cudnn_benchmark": cuda and torch.backends.cudnn.benchmark,
             "deterministic": torch.are_deterministic_algorithms_enabled(), "torch": torch.__version__,
         }  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ahl.core.layout import COST_DIR
 from ahl.core.layout import METRICS as METRICS_FILE
 
 METRICS = ("auc_roc", "auc_pr", "seen_auc_roc", "unseen_auc_roc")
@@ -44,14 +45,20 @@ def _value(v: Any) -> Any:
 # dvc.api.exp_show is a param (a key both files hold comes prefixed with its file name).
 MODEL_KEYS = ("model", "auc_roc", "auc_pr", "seen_auc_roc", "seen_auc_pr", "unseen_auc_roc", "unseen_auc_pr")
 TOP_KEYS = ("classname", "setting", "n_anomalies", "seen_classes")
+COST_KEYS = ("cpu_s", "wall_s")  # what a stage's cost file holds (ahl/core/layout.py, COST_DIR)
 
 
-def _split(row: dict, metrics_file: str) -> tuple[dict, dict]:
-    params, metrics = {}, {}
+def _split(row: dict, metrics_file: str) -> tuple[dict, dict, float | None]:
+    """A row's params, its metrics, and the CPU seconds of all its stages (their cost files; None without)."""
+    params, metrics, cpu = {}, {}, None
     for key, value in row.items():
         if key in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor"):
             continue
         file, _, name = key.rpartition(":")
+        if file.startswith(f"{COST_DIR}/") or (file == "" and name in COST_KEYS):
+            if name == "cpu_s" and _number(_value(value)) is not None:
+                cpu = (cpu or 0.0) + float(value)
+            continue
         head, _, rest = name.partition(".")
         is_metric = file == metrics_file or (
             file == ""
@@ -59,7 +66,7 @@ def _split(row: dict, metrics_file: str) -> tuple[dict, dict]:
                  or name in TOP_KEYS[1:])
         )  # fmt: skip
         (metrics if is_metric else params)[name] = _value(value)
-    return params, metrics
+    return params, metrics, cpu
 
 
 def _number(v: Any) -> float | None:
@@ -67,7 +74,9 @@ def _number(v: Any) -> float | None:
 
 
 def runs_from_rows(rows: Iterable[dict], metrics_file: str = METRICS_FILE) -> pd.DataFrame:
-    """One row per run and model (base, AHL): the run's params (dotted names), its setting, model and metrics.
+    """One row per run and model (base, AHL): the run's params (dotted names), its setting, model, metrics and
+    ``cpu_h``, the CPU hours of the whole run (the sum of its stages' cost files; a stage DVC restored from its run
+    cache counts what the run that made its outputs spent).
 
     Skipped: the workspace row (it repeats a commit or the last experiment); an experiment that has not finished
     (queued, running, failed: DVC shows it with its baseline's metrics); a row whose metrics belong to another
@@ -77,7 +86,7 @@ def runs_from_rows(rows: Iterable[dict], metrics_file: str = METRICS_FILE) -> pd
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") not in FINISHED:
             continue
-        params, metrics = _split(row, metrics_file)
+        params, metrics, cpu = _split(row, metrics_file)
         if metrics.get("classname") is not None and params.get("classname") not in (None, metrics["classname"]):
             continue
         for model in ("base", "ahl"):
@@ -87,6 +96,7 @@ def runs_from_rows(rows: Iterable[dict], metrics_file: str = METRICS_FILE) -> pd
             entry = {**params, "run": row.get("Experiment") or row.get("rev"), "rev": row.get("rev"),
                      "setting": metrics.get("setting")}  # fmt: skip
             entry["model"] = PAPER_MODEL.get(name, name)
+            entry["cpu_h"] = None if cpu is None else cpu / 3600  # the whole run's, every stage's cost file
             entry.update({m: _number(metrics.get(f"{model}.{m}")) for m in METRICS})
             out.append(entry)
     return pd.DataFrame(out)
@@ -114,6 +124,9 @@ def aggregate(runs: pd.DataFrame, group_by: Sequence[str] = GROUP_BY, metrics: S
     table = runs.groupby(keys, dropna=False)[list(metrics)].agg(["mean", lambda x: float(np.std(x.dropna())), "count"])
     table.columns = [f"{m}_{stat if stat != '<lambda_0>' else 'std'}" for m, stat in table.columns]
     table["seeds"] = runs.groupby(keys, dropna=False)["seed"].apply(lambda s: sorted(s.tolist()))
+    if "cpu_h" in runs.columns:  # the mean over the seeds that recorded it
+        table["cpu_h"] = pd.to_numeric(runs["cpu_h"], errors="coerce").groupby(
+            [runs[k] for k in keys], dropna=False).mean()  # fmt: skip
     table = table.reset_index().merge(edges, on=keys, how="left")
     if "protocol.known_class" in keys:
         hard = table[table["setting"] == "hard"]
@@ -176,11 +189,12 @@ def format_table(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
         return "(no runs with metrics)"
     stats = {f"{m}_{s}" for m in metrics for s in ("mean", "std", "count")}
     extra = {"published", "published_std", "published_in", "difference", "edge_mean", "edge_std", "edge_wins",
-             "edge_count", "base_paper", "base_paper_std", "base_paper_in"}  # fmt: skip
+             "edge_count", "base_paper", "base_paper_std", "base_paper_in", "cpu_h"}  # fmt: skip
     keys = [c for c in table.columns if c not in stats | extra]
     header = keys + list(metrics) + (["published", "difference"] if "published" in table.columns else [])
     header += ["base model's paper"] if "base_paper" in table.columns else []
     header += ["AHL - base (paired)"] if "edge_mean" in table.columns else []
+    header += ["CPU h per run"] if "cpu_h" in table.columns else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [str(row[k]) for k in keys]
@@ -197,5 +211,7 @@ def format_table(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
         if "edge_mean" in table.columns:
             cells.append("-" if pd.isna(row["edge_mean"]) else f"{row['edge_mean']:+.3f}±{row['edge_std']:.3f} "
                          f"({int(row['edge_wins'])} of {int(row['edge_count'])} seeds higher)")  # fmt: skip
+        if "cpu_h" in table.columns:
+            cells.append("-" if pd.isna(row["cpu_h"]) else f"{row['cpu_h']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
