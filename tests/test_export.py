@@ -126,6 +126,7 @@ def test_metadata_records_what_the_line_needs(runs, reproduced):
     scorer, path = exported["dra", "ahl", "openvino"]
     meta = json.loads((path.parent / "metadata.json").read_text())
     assert meta["model"] == "ahl" and meta["model_name"] == scorer.names["ahl"] and meta["image_size"] == scorer.size
+    assert meta["classname"] == "brick"  # the subset `ahl serve --labels` writes into
     assert meta["input"] == {"name": "images", "layout": "NHWC", "dtype": "uint8", "channels": "RGB"}
     assert meta["outputs"] == ["score", "head_scores", "anomaly_map"] and meta["threshold"] == scorer.threshold("ahl")
     from ahl.core.provenance import inputs, sha256_file

@@ -339,9 +339,9 @@ def test_packaging_declares_ranges_and_the_deploy_extras():
     extras = project["optional-dependencies"]
     declared = [*project["dependencies"], *(d for group in extras.values() for d in group)]
     assert declared and not [d for d in declared if "==" in d], "pyproject.toml pins a version: use a range"
-    assert {"onnx", "openvino", "deploy", "lab"} <= set(extras)
+    assert {"onnx", "openvino", "serve", "deploy", "lab"} <= set(extras)
     assert extras["onnx"] == ["onnxruntime>=1.20"] and extras["openvino"] == ["openvino>=2025.0"]
-    assert extras["deploy"] == ["ahl[onnx,openvino]"]
+    assert extras["deploy"] == ["ahl[onnx,openvino,serve]"]
     assert not [d for d in project["dependencies"] if re.match(r"(torch|timm|dvc)\b", d)]  # the line: no torch
     pins = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     pins = [p for p in pins if p and not p.startswith("-e")]

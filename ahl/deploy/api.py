@@ -21,7 +21,7 @@ from ahl.core.errors import UserError
 from ahl.core.layout import AHL, BASE, THRESHOLDS
 from ahl.core.runtime import Runtime
 from ahl.deploy.export import export
-from ahl.deploy.files import as_images
+from ahl.deploy.images import as_images
 from ahl.evaluation.decision import borderline, decide, tolerance_for
 from ahl.evaluation.scorer import Scorer
 

@@ -1,6 +1,6 @@
 """The `ahl` command (a console script, pyproject.toml): `ahl predict ...` scores new images (ahl/deploy/predict.py),
 `ahl export ...` writes a run as an ONNX or OpenVINO model (ahl/deploy/export.py), `ahl infer ...` scores images
-with it without torch (ahl/deploy/infer.py). Each command's module is imported when it runs."""
+with it without torch (ahl/deploy/infer.py), `ahl serve ...` serves it over HTTP (ahl/deploy/serve.py). Each command's module is imported when it runs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "predict": ("ahl.deploy.predict", "score images with a trained run -> predictions.csv (+ heatmaps)"),
     "export": ("ahl.deploy.export", "a trained run -> deploy/: model.onnx or OpenVINO's model.xml, metadata.json"),
     "infer": ("ahl.deploy.infer", "score images with an export, without torch -> predictions.csv (+ heatmaps)"),
+    "serve": ("ahl.deploy.serve", "an export as an HTTP service with a review page and labelling, without torch"),
 }
 
 

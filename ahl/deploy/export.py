@@ -97,6 +97,7 @@ def metadata_of(scorer: Scorer, model: str, fmt: str, checkpoints: dict) -> dict
         "ahl_version": __version__,
         "model": model,
         "model_name": scorer.names[model],
+        "classname": scorer.base.meta.get("classname"),
         "image_size": scorer.size,
         "input": {"name": "images", "layout": "NHWC", "dtype": "uint8", "channels": "RGB"},
         "preprocessing": {

@@ -19,7 +19,7 @@ import numpy as np
 
 from ahl.core.errors import UserError
 from ahl.core.provenance import sha256_file
-from ahl.deploy.files import as_images
+from ahl.deploy.images import as_images
 from ahl.evaluation.decision import borderline, checked_threshold, decide
 
 METADATA = "metadata.json"  # as ahl/deploy/export.py writes it
