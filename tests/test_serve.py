@@ -338,3 +338,39 @@ def test_labels_flow_back_into_training_through_dvc(small_dataset, tmp_path_fact
     assert "grass_patch" in classes, sorted(c for c in classes if c)
     diff = repo.dvc("metrics", "diff", "--json").stdout
     assert "results/metrics.json" in json.loads(diff), diff
+
+
+def test_the_batcher_survives_a_failing_runtime_and_a_client_gone():
+    """A batch whose runtime call fails while one of its clients has gone (its future cancelled): the others get
+    the error, and the next request is still scored (was: setting the error on the cancelled future raised
+    InvalidStateError and ended the batching loop, so every later request waited forever)."""
+    import asyncio
+
+    from ahl.deploy.station import Batcher
+
+    calls = []
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(images))
+        if len(calls) == 1:
+            time.sleep(0.2)  # the first client goes away meanwhile
+            raise RuntimeError("the runtime failed")
+        return {"score": images.reshape(len(images), -1).mean(1)}
+
+    async def main() -> None:
+        batcher = Batcher(run, max_batch=4, max_wait_s=0.05)
+        loop_task = asyncio.create_task(batcher.serve())
+        while batcher.queue is None:
+            await asyncio.sleep(0)
+        image = np.full((2, 2, 3), 7, np.uint8)
+        gone, failed = asyncio.create_task(batcher.score(image)), asyncio.create_task(batcher.score(image))
+        await asyncio.sleep(0.1)  # both queued, in one batch
+        gone.cancel()
+        with pytest.raises(RuntimeError, match="the runtime failed"):
+            await asyncio.wait_for(failed, 10)
+        later = await asyncio.wait_for(batcher.score(image), 10)  # a generous bound around the wait
+        assert later["score"] == 7.0 and calls == [2, 1]
+        loop_task.cancel()
+        batcher.executor.shutdown()
+
+    asyncio.run(main())

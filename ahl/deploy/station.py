@@ -136,17 +136,17 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except TimeoutError:
                     break
-            images = np.stack([image for image, _ in batch])
             try:
-                out = await loop.run_in_executor(self.executor, self.run, images)
-            except Exception as exc:  # the runtime's own error types: each waiting request gets it
+                out = await loop.run_in_executor(self.executor, self.run, np.stack([image for image, _ in batch]))
+            except Exception as exc:  # the runtime's own error types: each waiting request gets it, the loop goes on
                 for _, future in batch:
-                    future.set_exception(exc)
+                    if not future.done():  # a request whose client went away is cancelled already
+                        future.set_exception(exc)
                 continue
             self.sizes.append(len(batch))
             for i, (_, future) in enumerate(batch):
-                if not future.cancelled():
-                    future.set_result({name: value[i] for name, value in out.items()})
+                if not future.done():
+                    future.set_result({name: value[i].copy() for name, value in out.items()})
 
     async def score(self, image: np.ndarray) -> dict[str, np.ndarray]:
         future = asyncio.get_running_loop().create_future()
