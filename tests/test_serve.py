@@ -159,6 +159,12 @@ def _png(size: tuple[int, int] = (64, 64)) -> bytes:
     return buf.getvalue()
 
 
+def _webp() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, format="WEBP")
+    return buf.getvalue()
+
+
 def test_bad_requests_are_one_line_and_a_4xx(server, reproduced):
     url, own = server
     png = _test_files(reproduced[0].path)[0].read_bytes()
@@ -171,6 +177,8 @@ def test_bad_requests_are_one_line_and_a_4xx(server, reproduced):
         (dict(data=_png((100, 100))), 400, "5,000"),  # 10,000 pixels, above --max-pixels
         (dict(data=b"\x89PNG" + bytes(300000)), 413, "the limit is 200,000 (--max-bytes)"),
         (dict(files=[("image", (f"{i}.png", png, "image/png")) for i in range(25)]), 413, "(--max-images)"),
+        (dict(data=iter([png])), 411, "not Transfer-Encoding"),  # chunked: no Content-Length to check (review)
+        (dict(files=[("image", ("w.webp", _webp(), "image/webp"))]), 415, "w.webp: not an image"),  # data.local
     ]
     for kwargs, status, fragment in cases:
         res = requests.post(f"{url}/v1/score", **kwargs)
@@ -182,10 +190,14 @@ def test_bad_requests_are_one_line_and_a_4xx(server, reproduced):
         (dict(json={"id": posted["id"], "label": "../up"}), 400, "cannot name a defect class"),
         (dict(json={"id": posted["id"], "label": ".hidden"}), 400, "cannot name a defect class"),
         (dict(json={"id": posted["id"], "label": "ground_truth"}), 400, "cannot name a defect class"),
+        (dict(json={"id": posted["id"], "label": "\udc80x"}), 400, "cannot name a defect class"),  # unpaired
+        (dict(json={"id": posted["id"], "label": "\U0001f600" * 40}), 400, "128 bytes"),  # 40 chars, 160 bytes
     ]
     for kwargs, status, fragment in labels:
         res = requests.post(f"{url}/v1/labels", **kwargs)
         assert (res.status_code, fragment in res.json()["error"]) == (status, True), (fragment, res.text)
+    rebound = requests.get(f"{url}/", headers={"Host": "rebound.example"})  # a DNS-rebinding site's name
+    assert rebound.status_code == 400 and "dvc repro" not in rebound.text
     missing = requests.get(f"{url}/v1/heatmaps/{'0' * 64}.png")
     assert missing.status_code == 404 and "no recent image" in missing.json()["error"]
     assert not list(own.rglob("*.png"))  # nothing was labelled

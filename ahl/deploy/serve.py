@@ -96,9 +96,10 @@ def station(args: argparse.Namespace) -> Station:
         model_file = MODEL_FILES[run.metadata["format"]][0]
         labels = Labels(folder.resolve(), classname, run.metadata["model_name"], run.metadata["files"][model_file])
     max_pixels = args.max_pixels or int(run.metadata.get("max_pixels") or MAX_PIXELS)
+    hosts = ["127.0.0.1", "localhost", "[::1]", "::1", args.host] if loopback(args.host) else []
     return Station(run, labels=labels, token=token, batch_size=args.batch_size, max_wait_s=args.max_wait_ms / 1000,
                    keep=args.keep, max_bytes=args.max_bytes, max_images=args.max_images, max_pixels=max_pixels,
-                   threads=threads)  # fmt: skip
+                   threads=threads, hosts=hosts)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

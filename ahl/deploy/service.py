@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ahl.core.errors import UserError
 from ahl.deploy.exported import MODEL_FILES, ExportedRun
@@ -52,6 +53,7 @@ class Station:
     max_images: int
     max_pixels: int
     threads: int
+    hosts: list[str] = field(default_factory=list)  # the Host names allowed (empty: any)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     ready: bool = False
 
@@ -178,6 +180,8 @@ def build_app(station: Station) -> FastAPI:
         station.batcher.executor.shutdown(wait=False)
 
     app = FastAPI(title="ahl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if station.hosts:  # on loopback: only its own names, so a rebinding site's name never reaches the page
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=station.hosts)
     _middleware(app, station)
     _errors(app)
     _api_routes(app, station)
@@ -191,7 +195,9 @@ def _middleware(app: FastAPI, station: Station) -> None:
         start = time.perf_counter()
         if request.method == "POST":
             length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
+            if "transfer-encoding" in request.headers:  # a chunked body would escape the Content-Length check
+                response = _error(411, "send the body with a Content-Length, not Transfer-Encoding")
+            elif length is None or not length.isdigit():
                 response = _error(411, "send a Content-Length header with the request")
             elif int(length) > station.max_bytes:
                 response = _error(413, f"the request has {int(length):,} bytes, the limit is {station.max_bytes:,} "

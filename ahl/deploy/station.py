@@ -31,7 +31,8 @@ from ahl.evaluation.overlay import overlay
 
 AUDIT = "labels.csv"  # in the labels folder, beside the dataset's own folder
 AUDIT_COLUMNS = ("time", "sha256", "label", "file", "score", "model", "model_sha256")
-SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+# the formats data.local's readers take (ahl/data/mvtec.py IMAGE_SUFFIXES): a label must reach training
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
 
 
 @dataclass
@@ -64,7 +65,7 @@ def decode(data: bytes, name: str, size: int, max_pixels: int) -> tuple[np.ndarr
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         kind = None
     if kind not in SUFFIXES:
-        raise UserError(f"{name}: not an image this service reads (PNG, JPEG, BMP, TIFF, WebP); send the image file")
+        raise UserError(f"{name}: not an image this service reads (PNG, JPEG, BMP, TIFF); send the image file")
     try:
         image = load_image(_Named(data, name), size, max_pixels)
     except UserError as exc:
@@ -134,7 +135,7 @@ class Batcher:
             while len(batch) < self.max_batch:
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError's alias from Python 3.11, another class on 3.10
                     break
             try:
                 out = await loop.run_in_executor(self.executor, self.run, np.stack([image for image, _ in batch]))
@@ -181,18 +182,22 @@ class Labels:
         """Where an image labelled ``label`` goes: good, or a defect class (an existing one or a new name)."""
         if label == GOOD:
             return self.good
-        odd = [c for c in label if c in "/\\" or unicodedata.category(c) == "Cc"]
+        kinds = {unicodedata.category(c) for c in label}  # control, format, unpaired, private, unassigned; breaks
+        odd = "/" in label or "\\" in label or any(k[0] == "C" or k in ("Zl", "Zp") for k in kinds)
         reserved = label in {*NORMAL_FOLDERS, MASKS, "train", "test", ".", ".."} or label.startswith(".")
-        if not label or odd or reserved or label != label.strip() or len(label) > 64:
-            raise UserError(f"label {label!r} cannot name a defect class folder (empty, a separator or control "
-                            "character, reserved, hidden, or over 64 characters); choose another name")  # fmt: skip
+        too_long = len(label) > 64 or len(label.encode("utf-8", "replace")) > 128  # file systems count bytes
+        odd = odd or label != unicodedata.normalize("NFC", label)
+        if not label or odd or reserved or label != label.strip() or too_long:
+            raise UserError(f"label {label!r} cannot name a defect class folder (empty, a separator, control or "
+                            "unpaired character, reserved, hidden, not NFC, or over 64 characters / 128 bytes); choose "
+                            "another name")  # fmt: skip
         return (self.root / "test" if self.mvtec else self.root) / label
 
     def write(self, record: Record, label: str) -> Path:
         """Write ``record``'s image under ``label`` and append the audit row; the path written. An image already
         labelled is left as it is: the same label again returns its file, another label is refused."""
         target = self.folder_of(label) / f"{record.sha256}{record.suffix}"
-        with self._lock, open(self.audit, "a", newline="") as audit:
+        with self._lock, open(self.audit, "a", newline="", encoding="utf-8") as audit:
             fcntl.flock(audit, fcntl.LOCK_EX)  # other processes labelling into the same folder wait here
             existing = next(self.root.rglob(f"{record.sha256}.*"), None) if self.root.is_dir() else None
             if existing is not None:
